@@ -1,0 +1,290 @@
+"""The algorithm protocol shared by every engine (in-process simulator, FedML cross-silo adapters).
+
+An ``Algorithm`` has a server half and a client half that exchange plain-data payload dicts:
+
+* server: ``init_server`` -> per round ``begin_round(t, selected)``; ``client_payload(i)`` (may differ per client);
+  ``aggregate(uploads)``; ``eval_payload(i)``; ``server_state``/``load_server_state`` for checkpoints;
+* client: ``init_client_state(i)`` (a dict of tensors/plain data, persisted by client index by the engine);
+  ``local_train(payload, state, data) -> upload`` (always carries ``client_index`` and ``n``);
+  ``evaluate(payload, state, test) -> EvalResult``.
+
+``PromptAlgorithm`` implements CoOp prompt FedAvg (PromptFL, Guo et al. 2023) with hooks that subclasses override:
+which prompt the client starts from (``build_model``), the local model's logits and loss (the model class), what is
+uploaded (``make_upload``) and kept (``keep_state``), and how the server aggregates (``aggregate``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..clip.backbone import ClipBackbone
+from ..clip.prompt import TextEncoder
+from ..federated.features import Batch, FeatureSet
+from ..registry import Registry
+
+ALGORITHMS: Registry[type] = Registry("algorithm")
+register_algorithm = ALGORITHMS.register
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (train seed, purpose, client, round): private, order-independent streams."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(*parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def normal_prompt(shape: Sequence[int], *parts: Any, std: float = 0.02) -> torch.Tensor:
+    """CoOp init: i.i.d. N(0, std²) from a private generator (PFEDMOAP.md §4)."""
+    return torch.randn(*shape, generator=make_generator(*parts)) * std
+
+
+def fedavg(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Sample-count weighted average Σ (n_i/Σn) x_i (McMahan et al. 2017)."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if len(tensors) == 0 or float(w.sum()) <= 0:
+        raise ValueError("fedavg needs at least one upload with a positive sample count")
+    w = w / w.sum()
+    stacked = torch.stack([t.detach().to(torch.float64) for t in tensors])
+    return (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0).to(tensors[0].dtype)
+
+
+@dataclass
+class Runtime:
+    """What is shared and frozen inside one process: the backbone, the dataset's text path, seeds and budgets."""
+
+    backbone: ClipBackbone
+    text: TextEncoder
+    num_clients: int
+    seed: int = 0
+    local_epochs: int = 5
+    batch_size: int = 32
+    template: str = "a photo of a {}."
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    eval_batch_size: int = 2048
+    cache: Dict[Any, Any] = field(default_factory=dict)  # per-process derived-tensor cache (e.g. expert features)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.backbone.logit_scale.to(self.device)
+
+    @property
+    def ctx_shape(self) -> tuple[int, int]:
+        return self.text.ctx_shape
+
+
+@dataclass
+class EvalResult:
+    correct: int
+    total: int
+    loss: float
+    predictions: Optional[torch.Tensor] = None
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1, self.total)
+
+
+@dataclass
+class PromptParams:
+    """Hyperparameters every prompt method shares (PFEDMOAP.md §10)."""
+
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: Optional[int] = None  # None -> the run's local epochs E
+
+
+class Algorithm:
+    """Base class; see the module docstring for the protocol."""
+
+    name: ClassVar[str] = "base"
+    Params: ClassVar[type] = PromptParams
+    trains: ClassVar[bool] = True
+
+    def __init__(self, runtime: Runtime, params: Optional[Dict[str, Any]] = None) -> None:
+        self.rt = runtime
+        self.hp = self.parse_params(params or {})
+
+    @classmethod
+    def parse_params(cls, params: Dict[str, Any]):
+        valid = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            raise ValueError(f"algorithm_args.{cls.name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls.Params(**params)
+
+    # ---- server half -------------------------------------------------------------------------------------------
+    def init_server(self) -> None:
+        self.round = 0
+
+    def begin_round(self, round_idx: int, selected: Sequence[int]) -> None:
+        self.round = int(round_idx)
+
+    def client_payload(self, client_id: int) -> Dict[str, Any]:
+        return {"client_index": int(client_id), "round": self.round}
+
+    def aggregate(self, uploads: List[Dict[str, Any]]) -> None:
+        pass
+
+    def eval_payload(self, client_id: int) -> Dict[str, Any]:
+        return self.client_payload(client_id)
+
+    def server_state(self) -> Dict[str, Any]:
+        return {"round": self.round}
+
+    def load_server_state(self, state: Dict[str, Any]) -> None:
+        self.round = int(state["round"])
+
+    # ---- client half -------------------------------------------------------------------------------------------
+    def init_client_state(self, client_id: int) -> Dict[str, Any]:
+        return {}
+
+    def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
+        return {"client_index": payload["client_index"], "n": len(data)}
+
+    def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
+        raise NotImplementedError
+
+
+class CoOpModel(nn.Module):
+    """CoOp on frozen CLIP: logits = s · cos(Î, T̂(ctx)) over all C classes."""
+
+    def __init__(self, rt: Runtime, ctx: torch.Tensor) -> None:
+        super().__init__()
+        self.rt = rt
+        self.ctx = nn.Parameter(ctx.detach().clone().float().to(rt.device))
+
+    def param_groups(self, hp: PromptParams) -> List[Dict[str, Any]]:
+        return [{"params": [self.ctx], "lr": hp.lr}]
+
+    def prepare(self) -> None:
+        """Per-round precomputation (frozen features, e.g. experts); called once before training/evaluation."""
+
+    def text_features(self) -> torch.Tensor:
+        return F.normalize(self.rt.text.features(self.ctx).float(), dim=-1)
+
+    def logits_with(self, text: torch.Tensor, batch: Batch) -> torch.Tensor:
+        img = F.normalize(batch.feats.float(), dim=-1)
+        return self.rt.logit_scale * img @ text.t()
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.logits_with(self.text_features(), batch)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self(batch), batch.labels)
+
+    @torch.no_grad()
+    def scorer(self):
+        """Evaluation: text features encoded once, then a matmul per test chunk."""
+        text = self.text_features()
+        return lambda batch: self.logits_with(text, batch)
+
+
+class PromptAlgorithm(Algorithm):
+    """PromptFL: the global CoOp prompt is FedAvg-averaged over participants by sample count."""
+
+    name = "promptfl"
+    model_cls: ClassVar[type] = CoOpModel
+    uploads_prompt: ClassVar[bool] = True
+
+    # ---- server
+    def init_server(self) -> None:
+        super().init_server()
+        self.global_prompt = self.initial_prompt()
+
+    def initial_prompt(self) -> torch.Tensor:
+        """The shared init, identical for every client and method at a given train seed."""
+        return normal_prompt(self.rt.ctx_shape, self.rt.seed, "ctx-init")
+
+    def client_payload(self, client_id: int) -> Dict[str, Any]:
+        return {**super().client_payload(client_id), "global_prompt": self.global_prompt.clone()}
+
+    def aggregate(self, uploads: List[Dict[str, Any]]) -> None:
+        ups = [u for u in uploads if "prompt" in u]
+        if ups:
+            self.global_prompt = fedavg([u["prompt"] for u in ups], [u["n"] for u in ups])
+
+    def server_state(self) -> Dict[str, Any]:
+        return {**super().server_state(), "global_prompt": self.global_prompt.clone()}
+
+    def load_server_state(self, state: Dict[str, Any]) -> None:
+        super().load_server_state(state)
+        self.global_prompt = state["global_prompt"].clone()
+
+    # ---- client hooks
+    def build_model(self, payload: Dict[str, Any], state: Dict[str, Any], train: bool) -> nn.Module:
+        """The model a client trains (train=True) or is evaluated with; PromptFL: the global prompt."""
+        return self.model_cls(self.rt, payload["global_prompt"])
+
+    def keep_state(self, model: nn.Module, payload: Dict[str, Any], state: Dict[str, Any]) -> None:
+        """Persist what the client keeps after training (nothing for PromptFL)."""
+
+    def make_upload(self, model: nn.Module, payload: Dict[str, Any], state: Dict[str, Any], n: int) -> Dict[str, Any]:
+        up: Dict[str, Any] = {"client_index": payload["client_index"], "n": n}
+        if self.uploads_prompt:
+            up["prompt"] = model.ctx.detach().cpu().clone()
+        return up
+
+    def extra_loss(self, model: nn.Module, payload: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """An additional loss term (FedProx's proximal term, ...); None by default."""
+        return None
+
+    def before_step(self, model: nn.Module) -> None:
+        """Called between backward and the optimizer step (gradient clipping for DP)."""
+
+    def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
+        model = self.build_model(payload, state, train=True)
+        model.prepare()
+        loss = self.fit(model, payload, data)
+        self.keep_state(model, payload, state)
+        up = self.make_upload(model, payload, state, len(data))
+        up["metrics"] = {"train_loss": loss}
+        return up
+
+    def fit(self, model: nn.Module, payload: Dict[str, Any], data: FeatureSet) -> float:
+        """E epochs of SGD with fresh optimizers (one per parameter group set), shuffled by a private generator."""
+        hp = self.hp
+        opt = torch.optim.SGD(model.param_groups(hp), momentum=hp.momentum, weight_decay=hp.weight_decay)
+        gen = make_generator(self.rt.seed, "batches", payload["client_index"], payload["round"])
+        epochs = hp.epochs if hp.epochs is not None else self.rt.local_epochs
+        total, steps = 0.0, 0
+        for _ in range(epochs):
+            for batch in data.batches(self.rt.batch_size, gen):
+                loss = model.loss(batch)
+                extra = self.extra_loss(model, payload)
+                if extra is not None:
+                    loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.before_step(model)
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+        if steps and not math.isfinite(total):
+            raise FloatingPointError(f"{self.name}: non-finite training loss for client {payload['client_index']}")
+        return total / max(1, steps)
+
+    @torch.no_grad()
+    def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
+        model = self.build_model(payload, state, train=False)
+        model.prepare()
+        score = model.scorer()
+        correct, loss_sum, preds = 0, 0.0, []
+        for batch in data.chunks(self.rt.eval_batch_size):
+            logits = score(batch)
+            loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+            pred = logits.argmax(-1)
+            correct += int((pred == batch.labels).sum())
+            preds.append(pred.cpu())
+        preds_t = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        return EvalResult(correct, len(data), loss_sum / max(1, len(data)), preds_t)

@@ -1,0 +1,247 @@
+"""Typed configuration in FedML-style YAML sections (FEDML_AND_STACK.md §6).
+
+Every section is a dataclass with defaults; unknown sections or keys fail before any work with the list of valid
+keys. Keys are unique across sections, because ``fedml.init`` flattens all sections into one namespace.
+``algorithm_args`` maps an algorithm name to its hyperparameters (validated by the algorithm's ``Params``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or key is malformed; the message names the key and what was expected."""
+
+
+@dataclass
+class CommonArgs:
+    training_type: str = "simulation"
+    random_seed: int = 0  # the training seed: prompt init, client sampling, batch order
+    data_seed: int = 0  # the partition seed, separate from the training seed
+    run_name: str = "run"
+    cache_dir: str = ".cache/fedml_pfedmoap"  # feature caches and partitions
+    output_dir: str = "results"
+    scenario: str = "horizontal"
+    config_version: str = "release"
+
+
+@dataclass
+class DataArgs:
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    layout: str = "auto"
+    partition_method: str = "pathological"  # pathological | dirichlet | domain_dirichlet | legacy...
+    shots: Optional[int] = 16  # None: all training images of the client's classes
+    partition_alpha: float = 0.5
+    min_size: int = 10
+    clients_per_domain: int = 5
+    train_augment: str = "none"  # none | online | bank:M
+    dataset_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelArgs:
+    model: str = "tiny-clip"
+    pretrained: Optional[str] = None
+    n_ctx: int = 16
+    force_quick_gelu: bool = False
+    truncate_text: bool = True
+
+
+@dataclass
+class TrainArgs:
+    federated_optimizer: str = "pFedMoAP"
+    client_num_in_total: int = 10
+    client_num_per_round: int = 10
+    comm_round: int = 10
+    epochs: int = 5
+    batch_size: int = 32
+    eval_every: int = 1
+    eval_batch_size: int = 2048
+
+
+@dataclass
+class DeviceArgs:
+    using_gpu: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: Optional[int] = None
+    worker_num: Optional[int] = None
+    gpu_id: int = 0
+
+
+@dataclass
+class CommArgs:
+    backend: str = "sp"
+    grpc_ipconfig_path: Optional[str] = None
+    round_timeout_s: float = 600.0
+    state_dir: Optional[str] = None
+
+
+@dataclass
+class TrackingArgs:
+    enable_tracking: bool = False  # FedML's own (cloud) tracking: always off
+    enable_wandb: bool = False
+    mlflow_tracking_uri: Optional[str] = "sqlite:///results/mlflow.db"
+    mlflow_experiment: Optional[str] = None
+    log_file_dir: Optional[str] = None
+
+
+@dataclass
+class BenchmarkArgs:
+    name: str = "benchmark"
+    datasets: List[str] = field(default_factory=list)
+    splits: List[Dict[str, Any]] = field(default_factory=list)
+    algorithms: List[str] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    overrides: List[Dict[str, Any]] = field(default_factory=list)
+    caution: Optional[str] = None
+
+
+SECTIONS: Dict[str, type] = {
+    "common_args": CommonArgs, "data_args": DataArgs, "model_args": ModelArgs, "train_args": TrainArgs,
+    "device_args": DeviceArgs, "comm_args": CommArgs, "tracking_args": TrackingArgs,
+    "benchmark_args": BenchmarkArgs,
+}
+FREE_SECTIONS = ("algorithm_args", "validation_args", "environment_args")
+
+
+@dataclass
+class Config:
+    common_args: CommonArgs = field(default_factory=CommonArgs)
+    data_args: DataArgs = field(default_factory=DataArgs)
+    model_args: ModelArgs = field(default_factory=ModelArgs)
+    train_args: TrainArgs = field(default_factory=TrainArgs)
+    device_args: DeviceArgs = field(default_factory=DeviceArgs)
+    comm_args: CommArgs = field(default_factory=CommArgs)
+    tracking_args: TrackingArgs = field(default_factory=TrackingArgs)
+    benchmark_args: BenchmarkArgs = field(default_factory=BenchmarkArgs)
+    algorithm_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    extra_sections: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    source: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["algorithm_args"] = copy.deepcopy(self.algorithm_args)
+        out.update(copy.deepcopy(self.extra_sections))
+        return out
+
+    def flat(self) -> Dict[str, Any]:
+        """``section.key -> value`` (MLflow params)."""
+        out: Dict[str, Any] = {}
+        for sec, body in self.to_dict().items():
+            for k, v in body.items():
+                if isinstance(v, dict) and sec == "algorithm_args":
+                    for k2, v2 in v.items():
+                        out[f"{sec}.{k}.{k2}"] = v2
+                else:
+                    out[f"{sec}.{k}"] = v
+        return out
+
+    def algo_params(self, name: str) -> Dict[str, Any]:
+        return dict(self.algorithm_args.get(name.lower(), {}) or {})
+
+
+_BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, ftype: Any) -> Any:
+    """Strict typing: booleans never come from arbitrary strings (the reference's ``--ctx_init False`` defect D5)."""
+    tname = str(ftype)
+    if value is None:
+        return None
+    if isinstance(default, bool) or tname in ("bool", "<class 'bool'>"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL:
+            return _BOOL[value.lower()]
+        raise ConfigError(f"{section}.{key}: expected a boolean (true/false), got {value!r}")
+    try:
+        if tname in ("int", "<class 'int'>") or (isinstance(default, int) and not isinstance(default, bool)
+                                                  and "Optional" not in tname):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tname in ("float", "<class 'float'>") or isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{section}.{key}: expected a number, got {value!r}") from None
+    if "Optional[int]" in tname and isinstance(value, (str, float)):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{section}.{key}: expected an integer or null, got {value!r}") from None
+    return value
+
+
+def from_dict(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
+    """Validate a raw mapping into a ``Config``; every error names the section/key and the valid choices."""
+    where = f" in {source}" if source else ""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config{where}: expected a mapping of sections, got {type(raw).__name__}")
+    cfg = Config(source=source)
+    seen: Dict[str, str] = {}
+    for sec, body in raw.items():
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{sec}{where}: every top-level value must be a mapping (FedML flattens sections)")
+        if sec in SECTIONS:
+            cls = SECTIONS[sec]
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            kwargs = {}
+            for k, v in body.items():
+                if k not in fields:
+                    raise ConfigError(f"{sec}.{k}{where}: unknown key; valid keys: {', '.join(sorted(fields))}")
+                f = fields[k]
+                default = f.default if f.default is not dataclasses.MISSING else None
+                kwargs[k] = _coerce(sec, k, v, default, f.type)
+            setattr(cfg, sec, cls(**kwargs))
+        elif sec == "algorithm_args":
+            cfg.algorithm_args = {str(k).lower(): dict(v or {}) for k, v in body.items()}
+        elif sec in FREE_SECTIONS or sec.endswith("_args"):
+            cfg.extra_sections[sec] = dict(body)
+        else:
+            raise ConfigError(f"unknown section {sec!r}{where}; valid sections: "
+                              f"{', '.join(sorted(list(SECTIONS) + list(FREE_SECTIONS)))}")
+        for k in body:
+            if k in seen and sec not in ("algorithm_args",):
+                raise ConfigError(f"{sec}.{k}{where}: key also defined in {seen[k]} (FedML flattens sections; keys "
+                                  "must be unique)")
+            seen[k] = sec
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({err})") from None
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    return from_dict(raw, source=str(p))
+
+
+def apply_override(raw: Dict[str, Any], override: str) -> None:
+    """``section.key=value`` or ``algorithm_args.algo.key=value``."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)

@@ -1,0 +1,145 @@
+"""From a resolved config to a ready simulator: backbone, dataset, partition, cached features, algorithm.
+
+``build_experiment(cfg, algorithm, seed)`` is the single place where these pieces meet; the benchmark CLI, the FedML
+entry point and the tests all go through it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .algorithms import get_algorithm
+from .algorithms.base import Algorithm, Runtime
+from .clip.backbone import ClipBackbone, load_clip
+from .clip.prompt import TextEncoder
+from .config import Config, ConfigError
+from .data.base import ImageDataset, build_dataset
+from .data.partition import Partition, make_partition
+from .data.transforms import test_transform, train_transform
+from .federated.features import FeatureCache, FeatureSet
+from .federated.simulator import ClientData, Simulator
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.device_args.device
+    if want == "auto":
+        want = "cuda" if (cfg.device_args.using_gpu and torch.cuda.is_available()) else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device_args.device={want!r} but no CUDA device is available")
+    return torch.device(want)
+
+
+class Resources:
+    """Process-wide memo of the expensive, frozen pieces (backbone, dataset, features) shared by grid cells."""
+
+    def __init__(self) -> None:
+        self.backbones: Dict[Tuple, ClipBackbone] = {}
+        self.datasets: Dict[Tuple, ImageDataset] = {}
+        self.features: Dict[Tuple, FeatureSet] = {}
+
+    def backbone(self, cfg: Config, device: torch.device) -> ClipBackbone:
+        m = cfg.model_args
+        key = (m.model, m.pretrained, m.force_quick_gelu, str(device))
+        if key not in self.backbones:
+            torch.manual_seed(0)  # random-init models (tests, perf) are then identical across processes
+            self.backbones[key] = load_clip(m.model, m.pretrained, device=device, force_quick_gelu=m.force_quick_gelu)
+        return self.backbones[key]
+
+    def dataset(self, cfg: Config) -> ImageDataset:
+        d = cfg.data_args
+        key = (d.dataset, d.data_root, d.layout, tuple(sorted(d.dataset_options.items())))
+        if key not in self.datasets:
+            opts = dict(d.dataset_options)
+            if d.layout != "auto":
+                opts["layout"] = d.layout
+            self.datasets[key] = build_dataset(d.dataset, d.data_root, **opts)
+        return self.datasets[key]
+
+    def split_features(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, patches: bool,
+                       device: torch.device) -> FeatureSet:
+        size = backbone.image_size
+        if split == "train":
+            fn, desc = train_transform(cfg.data_args.train_augment, size, backbone.image_mean, backbone.image_std)
+            if cfg.data_args.train_augment != "none":
+                raise ConfigError("data_args.train_augment: only 'none' is implemented in this version")
+        else:
+            fn, desc = test_transform(size, backbone.image_mean, backbone.image_std)
+        key = (backbone.identity, ds.fingerprint(), split, desc, patches)
+        if key not in self.features:
+            cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
+            fs = cache.load_or_encode(backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc,
+                                      patches=patches, device=device)
+            self.features[key] = fs.to(device)
+        return self.features[key]
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    algorithm_name: str
+    seed: int
+    dataset: ImageDataset
+    partition: Partition
+    algorithm: Algorithm
+    simulator: Simulator
+
+
+def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optional[int] = None,
+                     resources: Optional[Resources] = None, progress: bool = True) -> Experiment:
+    """Everything a run needs; fails before any training on a bad algorithm, model, dataset or partition."""
+    res = resources or Resources()
+    name = (algorithm or cfg.train_args.federated_optimizer).lower()
+    algo_cls = get_algorithm(name)
+    params = cfg.algo_params(name)
+    algo_cls.parse_params(params)  # validate before any heavy work
+    seed = cfg.common_args.random_seed if seed is None else int(seed)
+    t = cfg.train_args
+    if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
+        raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+    if cfg.device_args.num_threads:
+        torch.set_num_threads(int(cfg.device_args.num_threads))
+    device = resolve_device(cfg)
+    ds = res.dataset(cfg)
+    d = cfg.data_args
+    part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
+                          out_dir=Path(cfg.common_args.cache_dir) / "partitions",
+                          **_partition_params(cfg))
+    backbone = res.backbone(cfg, device)
+    patches = bool(getattr(algo_cls, "needs_patches", False))
+    train_fs = res.split_features(cfg, backbone, ds, "train", patches, device)
+    test_fs = res.split_features(cfg, backbone, ds, "test", patches, device)
+    text_key = ("text", backbone.identity, tuple(ds.classnames), cfg.model_args.n_ctx, cfg.model_args.truncate_text)
+    if text_key not in res.features:
+        res.features[text_key] = TextEncoder(backbone, ds.classnames, cfg.model_args.n_ctx,
+                                             truncate=cfg.model_args.truncate_text).to(device)
+    rt = Runtime(backbone=backbone, text=res.features[text_key], num_clients=t.client_num_in_total, seed=seed,
+                 local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
+                 eval_batch_size=t.eval_batch_size)
+    algo = algo_cls(rt, params)
+    clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
+               for i in range(t.client_num_in_total)]
+    frac = t.client_num_per_round / t.client_num_in_total
+    sim = Simulator(algo, clients, rounds=t.comm_round, frac=frac, seed=seed, eval_every=t.eval_every,
+                    progress=progress)
+    return Experiment(cfg, name, seed, ds, part, algo, sim)
+
+
+def _partition_params(cfg: Config) -> Dict[str, Any]:
+    d = cfg.data_args
+    if d.partition_method.endswith("pathological"):
+        return {"shots": d.shots}
+    if d.partition_method.endswith("domain_dirichlet"):
+        return {"alpha": d.partition_alpha, "min_size": d.min_size, "clients_per_domain": d.clients_per_domain}
+    return {"alpha": d.partition_alpha, "min_size": d.min_size}
+
+
+def list_partition_methods() -> List[str]:
+    from .data.partition import PARTITIONERS
+
+    return PARTITIONERS.names()

@@ -1,0 +1,145 @@
+"""Per-client views of frozen image features, and the on-disk feature cache (PFEDMOAP.md §14).
+
+The image tower is frozen, so with a deterministic transform each image is encoded once per experiment grid: features
+are cached on disk under a key that hashes (model identity, dataset fingerprint, split, transform, patch tokens).
+Algorithms only ever see ``FeatureSet`` batches: pooled features (B,D), optional patch tokens (B,M,D), labels (B,).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..clip.backbone import ClipBackbone
+from ..data.base import SplitData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    feats: torch.Tensor  # (B,D) pooled image features, unnormalized
+    labels: torch.Tensor  # (B,)
+    patches: Optional[torch.Tensor] = None  # (B,M,D) projected patch tokens
+
+
+class FeatureSet:
+    """A client's split as tensors: ``batches`` for training, ``chunks`` for evaluation (no shuffle)."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, patches: Optional[torch.Tensor] = None) -> None:
+        if len(feats) != len(labels):
+            raise ValueError("features and labels differ in length")
+        self.feats, self.labels, self.patches = feats, labels.long(), patches
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def _take(self, idx: torch.Tensor) -> Batch:
+        patches = self.patches[idx] if self.patches is not None else None
+        return Batch(self.feats[idx], self.labels[idx], patches)
+
+    def batches(self, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[Batch]:
+        """One shuffled epoch; ``drop_last`` only applies when the client has at least one full batch."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator)
+        stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+        for s in range(0, stop, batch_size):
+            yield self._take(order[s:s + batch_size])
+
+    def num_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        n = len(self)
+        return n // batch_size if (drop_last and n >= batch_size) else -(-n // batch_size)
+
+    def chunks(self, batch_size: int = 1024) -> Iterator[Batch]:
+        for s in range(0, len(self), batch_size):
+            yield self._take(torch.arange(s, min(s + batch_size, len(self))))
+
+    def subset(self, idx: Sequence[int]) -> "FeatureSet":
+        return FeatureSet(*self._astuple(torch.as_tensor(np.asarray(idx, dtype=np.int64))))
+
+    def _astuple(self, idx: torch.Tensor):
+        b = self._take(idx)
+        return b.feats, b.labels, b.patches
+
+    def to(self, device: torch.device | str) -> "FeatureSet":
+        p = self.patches.to(device) if self.patches is not None else None
+        return FeatureSet(self.feats.to(device), self.labels.to(device), p)
+
+
+def cache_key(backbone: ClipBackbone, dataset_fp: str, split: str, transform_desc: str, patches: bool) -> str:
+    blob = json.dumps([backbone.identity, dataset_fp, split, transform_desc, bool(patches)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _atomic_save(arrays: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@torch.no_grad()
+def encode_split(backbone: ClipBackbone, split: SplitData, transform: Callable, patches: bool = False,
+                 batch_size: int = 256, device: str | torch.device = "cpu", desc: str = "encode") -> dict:
+    """Run the frozen image tower over a whole split (tqdm progress)."""
+    pooled, toks = [], []
+    for s in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, disable=len(split) < 2 * batch_size):
+        imgs = torch.stack([transform(split.image(i)) for i in range(s, min(s + batch_size, len(split)))])
+        f, p = backbone.encode_image(imgs.to(device), patches=patches)
+        pooled.append(f.float().cpu())
+        if patches:
+            toks.append(p.float().cpu())
+    out = {"feats": torch.cat(pooled).numpy() if pooled else np.zeros((0, backbone.embed_dim), np.float32),
+           "labels": split.labels}
+    if patches:
+        out["patches"] = torch.cat(toks).numpy()
+    return out
+
+
+class FeatureCache:
+    """Disk cache of frozen image features, one ``.npz`` per (model, dataset, split, transform, patches) key."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root else None
+        self.hits = 0
+        self.misses = 0
+
+    def load_or_encode(self, backbone: ClipBackbone, dataset_fp: str, split_name: str, split: SplitData,
+                       transform: Callable, transform_desc: str, patches: bool = False,
+                       device: str | torch.device = "cpu") -> FeatureSet:
+        key = cache_key(backbone, dataset_fp, split_name, transform_desc, patches)
+        path = self.root / f"{key}.npz" if self.root else None
+        if path is not None and path.exists():
+            try:
+                with np.load(path) as z:
+                    arrays = {k: z[k] for k in z.files}
+                self.hits += 1
+                return _to_featureset(arrays)
+            except (OSError, ValueError, KeyError) as err:
+                logger.warning("feature cache %s unreadable (%s); re-encoding", path, err)
+        self.misses += 1
+        arrays = encode_split(backbone, split, transform, patches=patches, device=device,
+                              desc=f"encode {split_name}")
+        if path is not None:
+            _atomic_save(arrays, path)
+        return _to_featureset(arrays)
+
+
+def _to_featureset(arrays: dict) -> FeatureSet:
+    patches = torch.from_numpy(np.asarray(arrays["patches"])) if "patches" in arrays else None
+    return FeatureSet(torch.from_numpy(np.asarray(arrays["feats"])), torch.from_numpy(np.asarray(arrays["labels"])),
+                      patches)

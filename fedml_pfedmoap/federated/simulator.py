@@ -1,0 +1,155 @@
+"""The in-process federated loop every algorithm runs through (FEDML_AND_STACK.md §5).
+
+One frozen backbone is shared; per-client state dicts are kept by client index across rounds; every round the server
+half of the algorithm produces a payload per selected client (payloads may differ), the client half trains and
+uploads, the server aggregates, and every client is evaluated on its own test split. The loop never looks at the
+algorithm's name.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..algorithms.base import Algorithm, derive_seed
+from .features import FeatureSet
+from .metrics import client_summary, run_summary
+
+logger = logging.getLogger(__name__)
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a payload (as sent, in their own dtype); plain scalars and ids are not counted."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def sample_clients(num_clients: int, frac: float, seed: int, round_idx: int) -> List[int]:
+    """The round's participants: ``max(1, round(frac·N))`` clients, from a private RNG of (train seed, round).
+
+    The same seed gives the same schedule for every method.
+    """
+    m = max(1, int(round(frac * num_clients)))
+    if m >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, "client-sampling", round_idx))
+    return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
+
+
+@dataclass
+class ClientData:
+    train: FeatureSet
+    test: FeatureSet
+
+
+@dataclass
+class RunResult:
+    """Per-round metrics (dicts with ``round``), per-client accuracies per evaluated round, and the run summary."""
+
+    rounds: List[Dict[str, float]] = field(default_factory=list)
+    client_acc: List[List[float]] = field(default_factory=list)
+    summary: Dict[str, float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        s = ", ".join(f"{k}={v:.4f}" for k, v in self.summary.items())
+        return f"RunResult({len(self.rounds)} rounds; {s})"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Simulator:
+    """Drives an ``Algorithm`` over ``clients`` for ``rounds`` rounds; ``on_round(metrics, sim)`` is called after each.
+
+    ``FedMLRunner(..., algorithm_flow=Simulator(...))`` calls ``run()``, so FedML's entry point reuses this loop.
+    """
+
+    def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], rounds: int, frac: float = 1.0,
+                 seed: int = 0, eval_every: int = 1, on_round: Optional[Callable[[Dict[str, Any], "Simulator"], None]] = None,
+                 progress: bool = True) -> None:
+        self.algo = algorithm
+        self.clients = list(clients)
+        self.rounds = int(rounds)
+        self.frac = float(frac)
+        self.seed = int(seed)
+        self.eval_every = max(1, int(eval_every))
+        self.on_round = on_round
+        self.progress = progress
+        self.states: Dict[int, Dict[str, Any]] = {}
+        self.result = RunResult()
+        self.next_round = 0
+        self.algo.init_server()
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def state(self, cid: int) -> Dict[str, Any]:
+        if cid not in self.states:
+            self.states[cid] = self.algo.init_client_state(cid)
+        return self.states[cid]
+
+    def run_round(self, t: int) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        selected = sample_clients(self.num_clients, self.frac, self.seed, t)
+        self.algo.begin_round(t, selected)
+        uploads, down, train_loss = [], 0, []
+        for cid in selected:
+            payload = self.algo.client_payload(cid)
+            down += payload_bytes(payload)
+            up = self.algo.local_train(payload, self.state(cid), self.clients[cid].train)
+            if "metrics" in up:
+                train_loss.append(up["metrics"].get("train_loss", float("nan")))
+            uploads.append(up)
+        up_bytes = sum(payload_bytes({k: v for k, v in u.items() if k != "metrics"}) for u in uploads)
+        self.algo.aggregate(uploads)
+        t_train = time.perf_counter() - t0
+        metrics: Dict[str, Any] = {
+            "round": t, "participants": len(selected),
+            "bytes_down": down / len(selected), "bytes_up": up_bytes / len(selected),
+            "train_loss": float(np.mean(train_loss)) if train_loss else float("nan"),
+            "time_train_s": t_train,
+        }
+        if (t + 1) % self.eval_every == 0 or t == self.rounds - 1:
+            t1 = time.perf_counter()
+            accs, ns, losses = [], [], []
+            for cid in range(self.num_clients):
+                res = self.algo.evaluate(self.algo.eval_payload(cid), self.state(cid), self.clients[cid].test)
+                accs.append(res.acc)
+                ns.append(res.total)
+                losses.append(res.loss)
+            metrics.update(client_summary(accs, ns))
+            metrics["test_loss"] = float(np.average(losses, weights=np.maximum(ns, 1)))
+            metrics["time_eval_s"] = time.perf_counter() - t1
+            self.result.client_acc.append(accs)
+        metrics["round_time_s"] = time.perf_counter() - t0
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        if torch.cuda.is_available():
+            metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.result.rounds.append(metrics)
+        return metrics
+
+    def run(self) -> RunResult:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.next_round, self.rounds), desc=self.algo.name, disable=not self.progress, leave=False)
+        for t in bar:
+            m = self.run_round(t)
+            self.next_round = t + 1
+            if "acc_mean" in m:
+                bar.set_postfix(acc=f"{m['acc_mean']:.3f}", loss=f"{m['train_loss']:.3f}")
+            if self.on_round is not None:
+                self.on_round(m, self)
+        self.result.summary = run_summary([r["acc_mean"] for r in self.result.rounds if "acc_mean" in r])
+        return self.result

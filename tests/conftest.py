@@ -1,0 +1,35 @@
+"""Shared fixtures: one thread, deterministic seeds, the tiny random-init CLIP, and a temp cache dir."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from fedml_pfedmoap.clip import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from fedml_pfedmoap.data.base import build_dataset
+
+    return build_dataset("digits")
+
+
+@pytest.fixture
+def quick_cfg(tmp_path):
+    """The quickstart config, small and pointed at a temp cache, tracking off."""
+    from fedml_pfedmoap.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml")
+    return load_config(root, [f"common_args.cache_dir={tmp_path / 'cache'}", "tracking_args.mlflow_tracking_uri=null",
+                              "train_args.comm_round=2", "train_args.epochs=1", "device_args.num_threads=1"])
