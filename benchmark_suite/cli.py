@@ -1,0 +1,52 @@
+"""``pfedmoap-bench``: the benchmark command line. Each subcommand lives in its own module, imported lazily.
+
+Subcommands: ``run`` (grid runs, MLflow, resume), ``leaderboard`` (from MLflow), ``partition`` (write and show a
+partition), ``pretrain-mini`` (build the embedded mini CLIP), ``perf`` (naive vs optimized speed table).
+Each module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "run": ("benchmark_suite.runner", "run a benchmark grid (datasets × splits × algorithms × seeds)"),
+    "leaderboard": ("benchmark_suite.leaderboard", "write LEADERBOARD.md, summary.csv and plots from MLflow"),
+    "partition": ("benchmark_suite.partition_cmd", "write a partition file and show its client × class histogram"),
+    "pretrain-mini": ("benchmark_suite.pretrain_mini", "build (or load) the offline mini CLIP checkpoint"),
+    "perf": ("benchmark_suite.perf", "naive vs optimized per-round timings, memory and TFLOP/s"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("root").setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="pfedmoap-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # only the chosen subcommand's module is imported (fast --help, lazy heavy imports)
+            importlib.import_module(module).add_arguments(p)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from fedml_pfedmoap.config import ConfigError
+
+    try:
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"pfedmoap-bench {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
