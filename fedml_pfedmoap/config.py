@@ -43,6 +43,7 @@ class DataArgs:
     clients_per_domain: int = 5
     train_augment: str = "none"  # none | online | bank:M
     dataset_options: Dict[str, Any] = field(default_factory=dict)
+    partition_options: Dict[str, Any] = field(default_factory=dict)  # extra partitioner kwargs (remainder, ...)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ModelArgs:
     n_ctx: int = 16
     force_quick_gelu: bool = False
     truncate_text: bool = True
+    precision: str = "fp32"  # fp32 | bf16: autocast around the frozen towers; trainable parameters stay fp32
+    compile_text: bool = False  # torch.compile the text transformer (opt-in; GPU)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class CommArgs:
     backend: str = "sp"
     grpc_ipconfig_path: Optional[str] = None
     round_timeout_s: float = 600.0
+    startup_timeout_s: Optional[float] = None  # cross-silo: the first wait (imports, feature encoding); None -> round_timeout_s
     state_dir: Optional[str] = None
 
 

@@ -20,7 +20,7 @@ from .config import Config, ConfigError
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
 from .data.transforms import test_transform, train_transform
-from .federated.features import FeatureCache, FeatureSet
+from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,17 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def precision_dtype(cfg: Config) -> Optional[torch.dtype]:
+    """model_args.precision -> the autocast dtype of the frozen towers (None: exact fp32)."""
+    if cfg.model_args.precision not in PRECISIONS:
+        raise ConfigError(f"model_args.precision: expected one of {sorted(PRECISIONS)}, "
+                          f"got {cfg.model_args.precision!r}")
+    return PRECISIONS[cfg.model_args.precision]
+
+
 class Resources:
     """Process-wide memo of the expensive, frozen pieces (backbone, dataset, features) shared by grid cells."""
 
@@ -45,10 +56,11 @@ class Resources:
 
     def backbone(self, cfg: Config, device: torch.device) -> ClipBackbone:
         m = cfg.model_args
-        key = (m.model, m.pretrained, m.force_quick_gelu, str(device))
+        key = (m.model, m.pretrained, m.force_quick_gelu, str(device), m.precision)
         if key not in self.backbones:
             torch.manual_seed(0)  # random-init models (tests, perf) are then identical across processes
             self.backbones[key] = load_clip(m.model, m.pretrained, device=device, force_quick_gelu=m.force_quick_gelu)
+            self.backbones[key].autocast_dtype = precision_dtype(cfg)
         return self.backbones[key]
 
     def dataset(self, cfg: Config) -> ImageDataset:
@@ -62,12 +74,15 @@ class Resources:
         return self.datasets[key]
 
     def split_features(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, patches: bool,
-                       device: torch.device) -> FeatureSet:
+                       device: torch.device, lazy_patches: bool = False) -> FeatureSet:
+        """Cached features of a split; ``lazy_patches``: pooled features cached, patch tokens encoded on the fly."""
         size = backbone.image_size
+        if split == "train" and cfg.data_args.train_augment != "none":  # online / bank:M (federated/augment.py)
+            from .federated.augment import augmented_train_features
+
+            return augmented_train_features(self, cfg, backbone, ds, patches or lazy_patches, device)
         if split == "train":
             fn, desc = train_transform(cfg.data_args.train_augment, size, backbone.image_mean, backbone.image_std)
-            if cfg.data_args.train_augment != "none":
-                raise ConfigError("data_args.train_augment: only 'none' is implemented in this version")
         else:
             fn, desc = test_transform(size, backbone.image_mean, backbone.image_std)
         key = (backbone.identity, ds.fingerprint(), split, desc, patches)
@@ -76,6 +91,9 @@ class Resources:
             fs = cache.load_or_encode(backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc,
                                       patches=patches, device=device)
             self.features[key] = fs.to(device)
+        if lazy_patches:
+            fs = self.features[key]
+            return FeatureSet(fs.feats, fs.labels, LazyPatches(backbone, getattr(ds, split), fn, device=device))
         return self.features[key]
 
 
@@ -98,6 +116,7 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     algo_cls = get_algorithm(name)
     params = cfg.algo_params(name)
     algo_cls.parse_params(params)  # validate before any heavy work
+    precision_dtype(cfg)
     seed = cfg.common_args.random_seed if seed is None else int(seed)
     t = cfg.train_args
     if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
@@ -112,15 +131,20 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
                           **_partition_params(cfg))
     backbone = res.backbone(cfg, device)
     patches = bool(getattr(algo_cls, "needs_patches", False))
-    train_fs = res.split_features(cfg, backbone, ds, "train", patches, device)
-    test_fs = res.split_features(cfg, backbone, ds, "test", patches, device)
-    text_key = ("text", backbone.identity, tuple(ds.classnames), cfg.model_args.n_ctx, cfg.model_args.truncate_text)
+    lazy = patches and _patches_over_budget(algo_cls.parse_params(params), backbone, ds, device)
+    train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy_patches=lazy)
+    test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy_patches=lazy)
+    text_key = ("text", backbone.identity, tuple(ds.classnames), cfg.model_args.n_ctx, cfg.model_args.truncate_text,
+                cfg.model_args.compile_text)
     if text_key not in res.features:
         res.features[text_key] = TextEncoder(backbone, ds.classnames, cfg.model_args.n_ctx,
                                              truncate=cfg.model_args.truncate_text).to(device)
+        res.features[text_key].autocast_dtype = precision_dtype(cfg)
+        if cfg.model_args.compile_text:
+            res.features[text_key].compile_transformer()
     rt = Runtime(backbone=backbone, text=res.features[text_key], num_clients=t.client_num_in_total, seed=seed,
                  local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
-                 eval_batch_size=t.eval_batch_size)
+                 eval_batch_size=t.eval_batch_size, rounds=t.comm_round)
     algo = algo_cls(rt, params)
     clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
                for i in range(t.client_num_in_total)]
@@ -130,13 +154,28 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     return Experiment(cfg, name, seed, ds, part, algo, sim)
 
 
+def _patches_over_budget(hp: Any, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> bool:
+    """True when the algorithm's ``patch_cache_gb`` budget (None: unlimited) is below N×M×D×4 bytes (train+test)."""
+    budget = getattr(hp, "patch_cache_gb", None)
+    if budget is None:
+        return False
+    m, d = patch_token_shape(backbone, device)
+    need = patch_cache_bytes(len(ds.train) + len(ds.test), m, d)
+    if need <= budget * 2**30:
+        return False
+    logger.info("patch tokens need %.2f GB > patch_cache_gb=%s: encoding them on the fly", need / 2**30, budget)
+    return True
+
+
 def _partition_params(cfg: Config) -> Dict[str, Any]:
     d = cfg.data_args
+    extra = dict(d.partition_options or {})
     if d.partition_method.endswith("pathological"):
-        return {"shots": d.shots}
+        return {"shots": d.shots, **extra}
     if d.partition_method.endswith("domain_dirichlet"):
-        return {"alpha": d.partition_alpha, "min_size": d.min_size, "clients_per_domain": d.clients_per_domain}
-    return {"alpha": d.partition_alpha, "min_size": d.min_size}
+        return {"alpha": d.partition_alpha, "min_size": d.min_size, "clients_per_domain": d.clients_per_domain,
+                **extra}
+    return {"alpha": d.partition_alpha, "min_size": d.min_size, **extra}
 
 
 def list_partition_methods() -> List[str]:

@@ -27,6 +27,7 @@ from torch import nn
 from ..clip.backbone import ClipBackbone
 from ..clip.prompt import TextEncoder
 from ..federated.features import Batch, FeatureSet
+from ..privacy import DPConfig, GaussianUploadMechanism, clip_grad_
 from ..registry import Registry
 
 ALGORITHMS: Registry[type] = Registry("algorithm")
@@ -72,6 +73,7 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     eval_batch_size: int = 2048
     cache: Dict[Any, Any] = field(default_factory=dict)  # per-process derived-tensor cache (e.g. expert features)
+    rounds: Optional[int] = None  # T, the run's communication rounds (DP accounting over the run)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -102,6 +104,12 @@ class PromptParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: Optional[int] = None  # None -> the run's local epochs E
+    # differential privacy of the uploaded prompt (PFEDMOAP.md §9; see fedml_pfedmoap/privacy.py and docs/privacy.md):
+    # {epsilon, delta: 0.05, clip_grad: 1.0, clip_update: auto, accounting: run|release}; None -> off
+    dp: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        self.dp = DPConfig.parse(self.dp, "algorithm_args.<algorithm>.dp")
 
 
 class Algorithm:
@@ -248,8 +256,33 @@ class PromptAlgorithm(Algorithm):
         loss = self.fit(model, payload, data)
         self.keep_state(model, payload, state)
         up = self.make_upload(model, payload, state, len(data))
-        up["metrics"] = {"train_loss": loss}
+        up["metrics"] = {"train_loss": loss, **self.privatize_upload(up, payload, data)}
         return up
+
+    @property
+    def dp_mechanism(self) -> Optional[GaussianUploadMechanism]:
+        """The upload mechanism when ``dp`` is configured (PFEDMOAP.md §9), else None."""
+        cfg = DPConfig.parse(getattr(self.hp, "dp", None), f"algorithm_args.{self.name}.dp")
+        if cfg is None or not self.uploads_prompt:
+            return None
+        if getattr(self, "_dp_mech", None) is None:
+            self._dp_mech = GaussianUploadMechanism(cfg, self.hp.lr, self.hp.momentum, self.rt.rounds)
+        return self._dp_mech
+
+    def privatize_upload(self, up: Dict[str, Any], payload: Dict[str, Any], data: FeatureSet) -> Dict[str, float]:
+        """Log the update norm ‖ctx_i − P_g‖; with DP, replace the uploaded prompt by P_g + clip(Δ) + N(0, σ²I)."""
+        if "prompt" not in up or "global_prompt" not in payload:
+            return {}
+        ref = payload["global_prompt"]
+        out = {"update_norm": float((up["prompt"].float() - ref.float().cpu()).norm())}
+        mech = self.dp_mechanism
+        if mech is not None:
+            epochs = self.hp.epochs if self.hp.epochs is not None else self.rt.local_epochs
+            steps = epochs * data.num_batches(self.rt.batch_size)
+            gen = make_generator(self.rt.seed, "dp-noise", payload["client_index"], payload["round"])
+            up["prompt"], dp_metrics = mech.privatize(up["prompt"], ref, steps, gen)
+            out.update(dp_metrics)
+        return out
 
     def fit(self, model: nn.Module, payload: Dict[str, Any], data: FeatureSet) -> float:
         """E epochs of SGD with fresh optimizers (one per parameter group set), shuffled by a private generator."""
@@ -266,6 +299,8 @@ class PromptAlgorithm(Algorithm):
                     loss = loss + extra
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.dp_mechanism is not None:  # DP: per-step clip of the prompt's batch gradient to C_g
+                    clip_grad_(model.ctx, self.dp_mechanism.cfg.clip_grad)
                 self.before_step(model)
                 opt.step()
                 total += float(loss.detach())

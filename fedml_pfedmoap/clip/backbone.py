@@ -7,6 +7,7 @@ or ``{"state_dict": ...}``). The model is frozen and kept in eval mode (PFEDMOAP
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from pathlib import Path
@@ -31,12 +32,29 @@ def _open_clip():
     return open_clip
 
 
+def with_autocast(fn):
+    """Run a frozen-tower method under ``torch.autocast(dtype=self.autocast_dtype)`` (bf16 frozen towers with fp32
+    trainable parameters, PFEDMOAP.md §3); a no-op when ``autocast_dtype`` is None (the default, exact fp32)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, x: torch.Tensor, *args, **kwargs):
+        dtype = getattr(self, "autocast_dtype", None)
+        if dtype is None:
+            return fn(self, x, *args, **kwargs)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return fn(self, x, *args, **kwargs)
+
+    return wrapper
+
+
 def list_models() -> list[str]:
     return list(_open_clip().list_models())
 
 
 class ClipBackbone(nn.Module):
     """A frozen CLIP: ``encode_image`` (pooled, optionally patch tokens) plus the text-tower parts CoOp needs."""
+
+    autocast_dtype: Optional[torch.dtype] = None  # model_args.precision: bf16 -> torch.bfloat16 around encode_image
 
     def __init__(self, model: nn.Module, name: str, pretrained: Optional[str]) -> None:
         super().__init__()
@@ -72,9 +90,12 @@ class ClipBackbone(nn.Module):
             # random init: identify by a checksum of the visual weights (deterministic only for a seeded init)
             with torch.no_grad():
                 pre = "random:" + "%.8e" % float(sum(p.double().sum() for p in self.model.visual.parameters()))
+        if self.autocast_dtype is not None:  # reduced-precision features are cached under their own key
+            pre = f"{pre}|autocast:{str(self.autocast_dtype).replace('torch.', '')}"
         return f"{self.name}|{pre}"
 
     @torch.no_grad()
+    @with_autocast
     def encode_image(self, images: torch.Tensor, patches: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Pooled image features (B,D), unnormalized, and if ``patches`` the projected patch tokens (B,M,D)."""
         vis = self.model.visual
@@ -90,9 +111,34 @@ class ClipBackbone(nn.Module):
             proj = vis.proj
             tokens = tokens @ proj if proj is not None else tokens  # tokens come after ln_post, unprojected
             return pooled, tokens
+        if hasattr(vis, "attnpool") and hasattr(vis, "stem"):  # open_clip ModifiedResNet (RN50, ...)
+            x = vis.stem(images)
+            for layer in (vis.layer1, vis.layer2, vis.layer3, vis.layer4):
+                x = layer(x)
+            out = attention_pool_all_queries(vis.attnpool, x)
+            return out[:, 0], out[:, 1:]  # the mean-token query is the stock pooled feature
         raise NotImplementedError(
-            f"patch tokens are implemented for open_clip VisionTransformer towers; {type(vis).__name__} is not supported"
+            f"patch tokens are implemented for open_clip VisionTransformer and ModifiedResNet towers; "
+            f"{type(vis).__name__} is not supported"
         )
+
+
+def attention_pool_all_queries(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's ResNet attention pool with **all** 1+H·W positions as queries (FedOTP's RN50 local features).
+
+    ``x`` is the last feature map (B,C,H,W); returns (B, 1+H·W, D): position 0 (the mean-token query) equals the
+    stock pooled output, positions 1.. are the M = H·W projected patch features (BASELINES.md §4).
+    """
+    x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = nn.functional.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out.permute(1, 0, 2)
 
 
 def load_clip(name: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu",

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .backbone import ClipBackbone, _open_clip
+from .backbone import ClipBackbone, _open_clip, with_autocast
 
 
 def _is_causal(mask: Optional[torch.Tensor]) -> bool:
@@ -28,6 +28,8 @@ def _is_causal(mask: Optional[torch.Tensor]) -> bool:
 
 class TextEncoder(nn.Module):
     """Frozen CoOp text path for one class list: ``features(ctx)`` and ``template_features(template)``."""
+
+    autocast_dtype: Optional[torch.dtype] = None  # model_args.precision: bf16 -> autocast around the text tower
 
     def __init__(self, backbone: ClipBackbone, classnames: Sequence[str], n_ctx: int = 16,
                  truncate: bool = True) -> None:
@@ -60,6 +62,7 @@ class TextEncoder(nn.Module):
     def ctx_shape(self) -> tuple[int, int]:
         return (self.n_ctx, self.backbone.text_width)
 
+    @with_autocast
     def _run(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """Sequence embeddings (N,L,W) -> projected EOT features (N,D); mirrors open_clip's ``encode_text``."""
         model = self.backbone.model
@@ -68,16 +71,24 @@ class TextEncoder(nn.Module):
         x = x.to(cast) + model.positional_embedding[:length].to(cast)
         mask = model.attn_mask
         mask = mask[:length, :length] if mask is not None else None
+        transformer = self.__dict__.get("_compiled") or model.transformer
         if getattr(model.transformer, "batch_first", True):
-            x = model.transformer(x, attn_mask=mask)
+            x = transformer(x, attn_mask=mask)
         else:  # pragma: no cover - sequence-first transformers
-            x = model.transformer(x.permute(1, 0, 2), attn_mask=mask).permute(1, 0, 2)
+            x = transformer(x.permute(1, 0, 2), attn_mask=mask).permute(1, 0, 2)
         x = model.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         proj = model.text_projection
         if isinstance(proj, nn.Linear):
             return proj(x)
         return x @ proj if proj is not None else x
+
+    def compile_transformer(self, **kwargs) -> None:
+        """Opt-in ``torch.compile`` of the frozen text transformer (``model_args.compile_text``; off by default).
+
+        Kept out of the module tree (no duplicate parameters); shapes vary with the number of prompts, so expect one
+        compilation per distinct (prompts × classes, L*) shape."""
+        object.__setattr__(self, "_compiled", torch.compile(self.backbone.model.transformer, **kwargs))
 
     def prompt_embeddings(self, ctx: torch.Tensor) -> torch.Tensor:
         """ctx (P, n_ctx, W) -> prompt embeddings (P*C, L*, W) with the class token at the end."""

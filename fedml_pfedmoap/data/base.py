@@ -97,6 +97,9 @@ class ImageDataset:
     train_domains: Optional[np.ndarray] = None
     test_domains: Optional[np.ndarray] = None
     domain_names: List[str] = field(default_factory=list)
+    # where the train/test split comes from when it is not the dataset's own canonical one (e.g. "torchvision",
+    # "stratified-<hash>"); part of the partition hash (DATA.md §2.3, §4). Empty: the canonical split.
+    split_source: str = ""
 
     @property
     def num_classes(self) -> int:

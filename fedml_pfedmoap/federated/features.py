@@ -143,3 +143,51 @@ def _to_featureset(arrays: dict) -> FeatureSet:
     patches = torch.from_numpy(np.asarray(arrays["patches"])) if "patches" in arrays else None
     return FeatureSet(torch.from_numpy(np.asarray(arrays["feats"])), torch.from_numpy(np.asarray(arrays["labels"])),
                       patches)
+
+
+# ---- patch-token cache sizing and on-the-fly patch tokens (FedOTP; BASELINES.md §4 "Cost") --------------------------
+
+def patch_cache_bytes(num_images: int, num_patches: int, dim: int, bytes_per_value: int = 4) -> int:
+    """Bytes to hold patch tokens for ``num_images`` images in memory: N × M × D × 4 (fp32).
+
+    E.g. ViT-B/16 (M = 196, D = 512): ~401 KB per image; RN50 (M = 49, D = 1024): ~201 KB per image.
+    """
+    return int(num_images) * int(num_patches) * int(dim) * int(bytes_per_value)
+
+
+@torch.no_grad()
+def patch_token_shape(backbone: ClipBackbone, device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(M, D) of ``backbone.encode_image(..., patches=True)``, found by encoding one blank image."""
+    x = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)
+    _, tokens = backbone.encode_image(x, patches=True)
+    return int(tokens.shape[1]), int(tokens.shape[2])
+
+
+class LazyPatches:
+    """Patch tokens computed on the fly from images (used when the patch cache would exceed its memory budget).
+
+    Indexing (a LongTensor or a slice) returns a view of the selected items; ``materialize()`` encodes them through
+    the frozen image tower -> (B, M, D) fp32 on ``device``. Only consumers that call ``materialize`` (FedOTP) accept
+    it as ``Batch.patches``; pooled features stay cached as usual.
+    """
+
+    def __init__(self, backbone: ClipBackbone, split: SplitData, transform: Callable,
+                 indices: Optional[torch.Tensor] = None, device: str | torch.device = "cpu") -> None:
+        self.backbone, self.split, self.transform, self.device = backbone, split, transform, device
+        self.indices = torch.arange(len(split)) if indices is None else indices.reshape(-1).cpu()
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    def __getitem__(self, idx) -> "LazyPatches":
+        idx = idx.cpu() if isinstance(idx, torch.Tensor) else idx
+        return LazyPatches(self.backbone, self.split, self.transform, self.indices[idx], self.device)
+
+    def to(self, device: str | torch.device) -> "LazyPatches":
+        return LazyPatches(self.backbone, self.split, self.transform, self.indices, device)
+
+    @torch.no_grad()
+    def materialize(self) -> torch.Tensor:
+        imgs = torch.stack([self.transform(self.split.image(int(i))) for i in self.indices.tolist()])
+        _, tokens = self.backbone.encode_image(imgs.to(self.device), patches=True)
+        return tokens.float()

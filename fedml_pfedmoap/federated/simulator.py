@@ -34,6 +34,16 @@ def payload_bytes(obj: Any) -> int:
     return 0
 
 
+def _upload_metrics(uploads: Sequence[Dict[str, Any]]) -> Dict[str, List[float]]:
+    """Numeric per-client metrics reported in uploads (besides ``train_loss``), gathered by name."""
+    out: Dict[str, List[float]] = {}
+    for u in uploads:
+        for k, v in (u.get("metrics") or {}).items():
+            if k != "train_loss" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.setdefault(k, []).append(float(v))
+    return out
+
+
 def sample_clients(num_clients: int, frac: float, seed: int, round_idx: int) -> List[int]:
     """The round's participants: ``max(1, round(frac·N))`` clients, from a private RNG of (train seed, round).
 
@@ -121,6 +131,8 @@ class Simulator:
             "train_loss": float(np.mean(train_loss)) if train_loss else float("nan"),
             "time_train_s": t_train,
         }
+        for key, vals in _upload_metrics(uploads).items():  # e.g. dp_sigma, update_norm: mean over participants
+            metrics.setdefault(key, float(np.mean(vals)))
         if (t + 1) % self.eval_every == 0 or t == self.rounds - 1:
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []

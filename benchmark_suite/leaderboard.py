@@ -1,0 +1,299 @@
+"""``pfedmoap-bench leaderboard``: LEADERBOARD.md, summary.csv and plots for a benchmark grid, read from MLflow.
+
+The grid of ``--config`` says which cells belong to the benchmark (by cell hash); the numbers come from the newest
+FINISHED MLflow run of each cell, never from memory. Per dataset × split (× override) and algorithm the table shows
+mean ± std over seeds (population std, in %) of the headline (``acc_last5`` by default, or ``acc_last``), the other
+of the two, the best round (``acc_best``, test-selected and therefore labelled optimistic) and the worst-10% clients,
+with the paper's number beside it where the paper has one (``paper_results.yaml``, quoted, not measured).
+The best mean in each column is bold.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as _dt
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+HEADLINES = ("acc_last5", "acc_last")
+ROUND_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
+              "bytes_down", "round_time_s", "peak_rss_mb")
+SUMMARY_KEYS = ("acc_last", "acc_last5", "acc_best")
+PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
+
+
+@dataclass
+class CellRecord:
+    """One finished cell: labels, per-round metrics, summary and the last round's per-client accuracies."""
+
+    dataset: str
+    split: str
+    override: str
+    algorithm: str
+    seed: int
+    data_seed: int
+    cell_hash: str
+    rounds: List[Dict[str, float]] = field(default_factory=list)
+    summary: Dict[str, float] = field(default_factory=dict)
+    client_acc: List[float] = field(default_factory=list)
+    run_id: Optional[str] = None
+    partition_hash: str = ""
+    git_commit: str = ""
+
+    @property
+    def group(self) -> Tuple[str, str, str]:
+        return (self.dataset, self.split, self.override)
+
+    def relabel(self, cell: Any) -> "CellRecord":
+        """The same numbers under an alias cell's labels (cells sharing a hash share a run)."""
+        return dataclasses.replace(self, dataset=cell.dataset, split=cell.split, override=cell.override,
+                                   algorithm=cell.algorithm, seed=cell.seed, data_seed=cell.data_seed)
+
+    @classmethod
+    def from_result(cls, cell: Any, result: Any, run_id: Optional[str] = None, partition_hash: str = "",
+                    git_commit: str = "") -> "CellRecord":
+        return cls(cell.dataset, cell.split, cell.override, cell.algorithm, cell.seed, cell.data_seed, cell.hash,
+                   [dict(r) for r in result.rounds], dict(result.summary),
+                   list(result.client_acc[-1]) if result.client_acc else [], run_id, partition_hash, git_commit)
+
+
+# ---- reading MLflow -----------------------------------------------------------------------------------------------
+def collect_from_mlflow(tracker: Any, cells: Sequence[Any]) -> Tuple[List[CellRecord], List[Any]]:
+    """Records for the grid's cells from their FINISHED runs, and the cells that have none."""
+    runs = tracker.finished_runs({c.hash for c in cells})
+    by_hash = {h: _record_from_run(tracker, run) for h, run in runs.items()}
+    records = [by_hash[c.hash].relabel(c) for c in cells if c.hash in by_hash]
+    return records, [c for c in cells if c.hash not in by_hash]
+
+
+def _record_from_run(tracker: Any, run: Any) -> CellRecord:
+    from mlflow.artifacts import download_artifacts
+
+    from fedml_pfedmoap.tracking import read_client_acc_csv
+
+    rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
+    steps: Dict[int, Dict[str, float]] = {}
+    for key in [k for k in ROUND_KEYS if k in metrics]:
+        for m in tracker.client.get_metric_history(rid, key):
+            steps.setdefault(int(m.step), {"round": int(m.step)})[key] = float(m.value)
+    client_acc: List[float] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = download_artifacts(run_id=rid, artifact_path="client_acc.csv", dst_path=tmp,
+                                      tracking_uri=tracker.uri)
+            per_round = read_client_acc_csv(path)
+            client_acc = per_round[max(per_round)] if per_round else []
+    except Exception as err:  # noqa: BLE001 - a missing artifact only drops one plot
+        logger.warning("run %s: no client_acc.csv artifact (%s); per-client plot skips it", rid, err)
+    return CellRecord(tags.get("dataset", "?"), tags.get("split", "?"), tags.get("override", ""),
+                      tags.get("algorithm", "?"), int(tags.get("seed", 0)), int(tags.get("data_seed", 0)),
+                      tags.get("cell_hash", ""), [steps[s] for s in sorted(steps)],
+                      {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}, client_acc, rid,
+                      tags.get("partition_hash", ""), tags.get("git_commit", ""))
+
+
+# ---- aggregation --------------------------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> Tuple[float, float, int]:
+    a = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    return (float(a.mean()), float(a.std()), int(a.size)) if a.size else (float("nan"), float("nan"), 0)
+
+
+def _last(r: CellRecord, key: str) -> Optional[float]:
+    vals = [x[key] for x in r.rounds if key in x]
+    return vals[-1] if vals else None
+
+
+def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, str, str], List[Dict[str, Any]]]:
+    """group -> rows (one per algorithm, grid order): column -> (mean, std, n) over seeds."""
+    cols = column_names(headline)
+    groups: Dict[Tuple[str, str, str], Dict[str, List[CellRecord]]] = {}
+    for r in records:
+        groups.setdefault(r.group, {}).setdefault(r.algorithm, []).append(r)
+    out = {}
+    for g, algos in groups.items():
+        rows = []
+        for algo, recs in algos.items():
+            row: Dict[str, Any] = {"algorithm": algo, "seeds": sorted({r.seed for r in recs})}
+            for c in cols:
+                vals = [_last(r, "acc_bottom10") if c == "acc_bottom10" else r.summary.get(c) for r in recs]
+                row[c] = mean_std([v for v in vals if v is not None])
+            rows.append(row)
+        out[g] = rows
+    return out
+
+
+def column_names(headline: str) -> List[str]:
+    if headline not in HEADLINES:
+        raise ValueError(f"--headline: expected one of {', '.join(HEADLINES)}, got {headline!r}")
+    return [headline, [h for h in HEADLINES if h != headline][0], "acc_best", "acc_bottom10"]
+
+
+COLUMN_TITLES = {"acc_last5": "acc_last5 (mean of last 5 rounds)", "acc_last": "acc_last (final round)",
+                 "acc_best": "acc_best (best round, optimistic)", "acc_bottom10": "worst-10% clients (final)"}
+
+
+def load_paper() -> Dict[str, Any]:
+    return yaml.safe_load(PAPER_FILE.read_text()) or {}
+
+
+def paper_entry(paper: Dict[str, Any], dataset: str, split: str) -> Optional[Dict[str, Any]]:
+    return (paper.get(dataset) or {}).get(split)
+
+
+def _pct(ms: Tuple[float, float, int]) -> str:
+    m, s, n = ms
+    return "–" if n == 0 else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def group_title(g: Tuple[str, str, str]) -> str:
+    return " · ".join(x for x in g if x)
+
+
+def group_slug(g: Tuple[str, str, str]) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(x for x in g if x))
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: Optional[str], source: str,
+             missing: Sequence[str] = ()) -> str:
+    cols = column_names(headline)
+    paper = load_paper()
+    lines = [f"# Leaderboard: {title}", ""]
+    if caution:
+        lines += [f"> **Caution:** {caution}", ""]
+    lines += [f"Headline: **{headline}**. Accuracy is the unweighted mean over clients of each client's accuracy on "
+              "its own test split, in %, mean ± std (population) over training seeds. `acc_best` picks the best round "
+              "on the test split and is therefore optimistic; it is never the headline. The best mean per column is "
+              "**bold**. The paper column quotes the pFedMoAP paper (spec §12) for its own setting (real CLIP "
+              "backbones, the paper's federations); it is not measured here.", "", f"Source: {source}.", ""]
+    for g, rows in table_rows(records, headline).items():
+        lines += [f"## {group_title(g)}", ""]
+        entry = paper_entry(paper, g[0], g[1]) if not g[2] else None
+        pcol = f"paper ({entry['table']})" if entry else None
+        head = ["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["seeds"] + ([pcol] if pcol else [])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in cols}
+        pvals = {r["algorithm"]: (entry["results"].get(r["algorithm"]) if entry else None) for r in rows}
+        pbest = max((v[0] for v in pvals.values() if v), default=None)
+        for r in rows:
+            cells = [r["algorithm"]]
+            for c in cols:
+                txt = _pct(r[c])
+                cells.append(f"**{txt}**" if r[c][2] and best[c] is not None and r[c][0] == best[c] else txt)
+            cells.append(",".join(map(str, r["seeds"])))
+            if pcol:
+                pv = pvals[r["algorithm"]]
+                txt = f"{pv[0]:.2f} ± {pv[1]:.2f}" if pv else "–"
+                cells.append(f"**{txt}**" if pv and pv[0] == pbest else txt)
+            lines.append("| " + " | ".join(cells) + " |")
+        if entry and entry.get("note"):
+            lines.append(f"\nPaper column: {entry['note']}.")
+        lines += ["", f"![accuracy vs round](acc_vs_round-{group_slug(g)}.png) "
+                      f"![per-client accuracy](client_acc-{group_slug(g)}.png)", ""]
+    if missing:
+        lines += ["## Missing cells (no finished run)", ""] + [f"- {m}" for m in missing] + [""]
+    return "\n".join(lines)
+
+
+def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
+    """algorithm × acc_mean (final round), acc_last5 and the optimistic best, per group, with the caution line."""
+    out = []
+    for g, rows in table_rows(records, "acc_last5").items():
+        out.append(f"== {group_title(g)} ==")
+        out.append(f"{'algorithm':<14}{'acc_mean (final)':>20}{'acc_last5':>18}{'acc_best*':>18}  seeds")
+        for r in rows:
+            out.append(f"{r['algorithm']:<14}{_pct(r['acc_last']):>20}{_pct(r['acc_last5']):>18}"
+                       f"{_pct(r['acc_best']):>18}  {','.join(map(str, r['seeds']))}")
+    out.append("* acc_best = best round on the test split (optimistic). Accuracy in %, mean ± std over seeds.")
+    if caution:
+        out.append(f"CAUTION: {caution}")
+    return "\n".join(out)
+
+
+CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_KEYS,
+               *SUMMARY_KEYS, "cell_hash", "run_id", "partition_hash", "git_commit"]
+
+
+def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
+    """Long form: one row per (cell, round) with that round's metrics; the cell's summary repeated on each row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            base = {"dataset": r.dataset, "split": r.split, "override": r.override, "algorithm": r.algorithm,
+                    "seed": r.seed, "data_seed": r.data_seed, "cell_hash": r.cell_hash, "run_id": r.run_id or "",
+                    "partition_hash": r.partition_hash, "git_commit": r.git_commit,
+                    **{k: repr(float(r.summary[k])) for k in SUMMARY_KEYS if k in r.summary}}
+            for rnd in r.rounds:
+                w.writerow({**base, "round": int(rnd["round"]),
+                            **{k: repr(float(rnd[k])) for k in ROUND_KEYS if k in rnd}})
+    return path
+
+
+def write_outputs(records: Sequence[CellRecord], out_dir: Path, title: str, caution: Optional[str], headline: str,
+                  source: str, missing: Sequence[str] = ()) -> List[Path]:
+    """summary.csv, LEADERBOARD.md and the two plots per group under ``out_dir``."""
+    from .plots import accuracy_vs_round, client_distribution
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [write_summary_csv(records, out_dir / "summary.csv")]
+    md = out_dir / "LEADERBOARD.md"
+    md.write_text(markdown(records, headline, title, caution, source, missing))
+    paths.append(md)
+    groups: Dict[Tuple[str, str, str], List[CellRecord]] = {}
+    for r in records:
+        groups.setdefault(r.group, []).append(r)
+    for g, recs in groups.items():
+        paths.append(accuracy_vs_round(recs, group_title(g), out_dir / f"acc_vs_round-{group_slug(g)}.png"))
+        paths.append(client_distribution(recs, group_title(g), out_dir / f"client_acc-{group_slug(g)}.png"))
+    return paths
+
+
+# ---- subcommand ---------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the benchmark YAML (its grid selects the cells)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2]",
+                        help="restrict to cells (algo=, dataset=, split=, seed=, override=)")
+    parser.add_argument("--headline", default="acc_last5", choices=HEADLINES, help="the headline column")
+    parser.add_argument("--out", default=None, help="output folder (default <output_dir>/<benchmark name>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from fedml_pfedmoap.config import load_config
+    from fedml_pfedmoap.tracking import MlflowLogger, resolve_tracking_uri
+
+    from .grid import expand_grid
+    from .runner import experiment_name, uri_is_explicit
+
+    base = load_config(args.config, args.set)
+    cells = expand_grid(base, args.only)
+    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, uri_is_explicit(args.set))
+    if uri is None:
+        raise ValueError("tracking_args.mlflow_tracking_uri: the leaderboard reads MLflow; tracking is off")
+    tracker = MlflowLogger(uri, experiment_name(base))
+    records, missing = collect_from_mlflow(tracker, cells)
+    if not records:
+        raise ValueError(f"no finished runs of {args.config} in MLflow ({uri}, experiment {tracker.experiment!r}); "
+                         "run `pfedmoap-bench run --config ...` first")
+    out = Path(args.out) if args.out else Path(base.common_args.output_dir) / base.benchmark_args.name
+    source = (f"MLflow `{uri}`, experiment `{tracker.experiment}`, {len(records)} finished cell runs, "
+              f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+    paths = write_outputs(records, out, base.benchmark_args.name, base.benchmark_args.caution, args.headline,
+                          source, [c.label for c in missing])
+    print(console_table(records, base.benchmark_args.caution))
+    if missing:
+        print(f"{len(missing)} cell(s) have no finished run: {', '.join(c.label for c in missing[:5])}"
+              f"{' ...' if len(missing) > 5 else ''}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

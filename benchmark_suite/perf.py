@@ -1,0 +1,434 @@
+"""``pfedmoap-bench perf``: naive vs optimized per-round wall time, speed-up, peak memory and text-tower TFLOP/s.
+
+For every algorithm, in ONE process (so ratios are measured side by side under the same machine load):
+
+1. the optimized path runs ``--rounds`` rounds on cached features (one-off extraction timed separately), truncated
+   text, runtime caches and ``CoOpModel.scorer`` evaluation;
+2. the naive path (``perf_naive``: what the released code does) re-runs round 0 and the last round from the very
+   same state (snapshots of server and client state), so the steady-state ratio needs no naive warm-up rounds;
+3. both evaluation models of client 0 are scored on its whole test split from that state: max |Δlogit| (fp32);
+4. text-tower fwd+bwd over all C prompts is timed alone: achieved TFLOP/s against the device's peak.
+
+The whole-run figure (``--whole-run`` rounds, default 10) is round 0 + (R−1)·steady-state (+ the extraction for the
+optimized path), from the measured rounds. Cost model: PFEDMOAP.md §14.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+SCALES = {"tiny": ("tiny-clip", False), "vit-b-16": ("ViT-B-16", False), "rn50": ("RN50-quickgelu", False)}
+# dense peak TFLOP/s by device-name fragment: (fp32 incl. TF32 tensor cores, bf16); None where unknown (CPUs)
+PEAKS = {"H100 PCIe": (378.0, 756.0), "H100": (494.7, 989.4), "H200": (494.7, 989.4), "A100": (156.0, 312.0)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", choices=sorted(SCALES), default="tiny",
+                   help="tiny CLIP, or real-size ViT-B/16 / RN50 architectures with random weights (no download)")
+    p.add_argument("--classes", type=int, default=10, help="C, classes of the whole dataset")
+    p.add_argument("--clients", type=int, default=10, help="N clients, all participate")
+    p.add_argument("--shots", type=int, default=16, help="training images per client")
+    p.add_argument("--test", type=int, default=32, help="test images per client")
+    p.add_argument("--batch", type=int, default=16, help="training batch (and the naive test batch)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs (1 with shots == batch: one step per client)")
+    p.add_argument("--experts", type=int, default=9, help="K non-local experts of pFedMoAP")
+    p.add_argument("--rounds", type=int, default=2, help="optimized rounds measured (>= 2 for a steady state)")
+    p.add_argument("--whole-run", type=int, default=10, help="rounds of the projected whole run")
+    p.add_argument("--algorithms", default="all", help="comma-separated names, or 'all' (list_algorithms())")
+    p.add_argument("--modes", default="fast,naive", help="fast,naive | fast (memory-only runs skip the naive path)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast around the frozen towers, fp32 trainable parameters (optimized path)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here")
+
+
+def _machine(device: torch.device) -> Dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for frag, (fp32, bf16) in PEAKS.items():  # most specific first (dict order)
+        if frag in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def text_flops(model: torch.nn.Module, length: int, prompts: int, backward: bool = True) -> float:
+    """FLOPs of the CoOp text path on ``prompts`` sequences of ``length`` tokens (1 MAC = 2 FLOPs, PFEDMOAP.md §14).
+
+    Per layer and token: QKV + output projections 4W² MACs, MLP 2·r·W² MACs, attention scores and mixing 2·L·W MACs;
+    plus the EOT projection W·D. Frozen weights: backward computes activation gradients only (≈ 1× forward).
+    """
+    tr = model.transformer
+    width = int(tr.width)
+    layers = int(tr.layers)
+    ratio = tr.resblocks[0].mlp.c_fc.out_features / width
+    proj = model.text_projection
+    d = proj.shape[1] if isinstance(proj, torch.Tensor) else getattr(proj, "out_features", width)
+    macs = layers * length * ((4 + 2 * ratio) * width * width + 2 * length * width) + width * d
+    return 2.0 * macs * prompts * (2 if backward else 1)
+
+
+class MemorySampler:
+    """Peak process RSS (sampled from /proc/self/statm every 5 ms) and CUDA max-allocated over a phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self._page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> "MemorySampler":
+        self.peak = self._rss()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def report(self) -> Dict[str, float]:
+        out = {"peak_rss_mb": self.peak / 2**20}
+        if self.device.type == "cuda":
+            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def text_benchmark(bench: "Bench", reps: int = 3) -> Dict[str, Any]:
+    """Text tower fwd+bwd over all C prompts for one trainable ctx: optimized (truncated) and naive (77 tokens)."""
+    out: Dict[str, Any] = {}
+    model = bench.backbone.model
+    for label, enc in (("fast", bench.text_fast), ("naive", bench.text_naive)):
+        if label == "naive" and "naive" not in bench.modes:
+            continue
+        ctx = torch.zeros(enc.ctx_shape, device=bench.device).normal_(0, 0.02).requires_grad_(True)
+
+        def step() -> None:
+            enc.features(ctx).float().pow(2).mean().backward()
+
+        step()  # warm-up
+        times = [timed(step, bench.device)[1] for _ in range(reps)]
+        secs = sorted(times)[len(times) // 2]
+        flops = text_flops(model, enc.length, enc.num_classes)
+        out[label] = {"seq_len": enc.length, "fwd_bwd_s": secs, "gflops": flops / 1e9, "tflops_per_s": flops / secs / 1e12}
+    peak = peak_tflops(bench.device, bench.precision)
+    out["peak_tflops_per_s"] = peak
+    if peak:
+        out["fast"]["utilization"] = out["fast"]["tflops_per_s"] / peak
+    out["attention"] = attention_kernel_report(bench)
+    return out
+
+
+def attention_kernel_report(bench: "Bench") -> Dict[str, Any]:
+    """Count F.scaled_dot_product_attention calls during one text forward (open_clip's MHA path uses SDPA when
+    need_weights=False); with the additive causal mask, CUDA picks the memory-efficient kernel, not flash."""
+    import torch.nn.functional as F
+
+    calls = {"n": 0, "mask": False}
+    orig = F.scaled_dot_product_attention
+
+    def spy(*a: Any, **k: Any) -> torch.Tensor:
+        calls["n"] += 1
+        calls["mask"] = calls["mask"] or (k.get("attn_mask") is not None or (len(a) > 3 and a[3] is not None))
+        return orig(*a, **k)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            bench.text_fast.features(torch.zeros(bench.text_fast.ctx_shape, device=bench.device))
+    finally:
+        F.scaled_dot_product_attention = orig
+    layers = int(bench.backbone.model.transformer.layers)
+    return {"sdpa_calls_per_forward": calls["n"], "text_layers": layers, "uses_sdpa": calls["n"] >= layers,
+            "with_mask": calls["mask"]}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    bench = Bench.build(args)
+    result: Dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
+                              "machine": _machine(bench.device), "model": SCALES[args.scale][0],
+                              "extract_s": bench.extract_s, "extract_images": bench.data.num_images}
+    result["text"] = text_benchmark(bench)
+    result["algorithms"] = []
+    for name in bench.algorithms:
+        print(f"perf: {name} ...", flush=True)
+        try:
+            row = run_algorithm(bench, name)
+        except (RuntimeError, ValueError, NotImplementedError) as err:  # e.g. patch tokens on RN50 for FedOTP
+            row = {"algorithm": name, "error": f"{type(err).__name__}: {err}"}
+        result["algorithms"].append(row)
+        if args.out:
+            _write(result, args.out)
+    print(format_table(result))
+    if args.out:
+        _write(result, args.out)
+        print(f"perf: wrote {args.out}")
+    return 0
+
+
+def _write(result: Dict[str, Any], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def snapshot(algo: Any, states: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    return {"server": copy.deepcopy(algo.server_state()), "states": copy.deepcopy(states)}
+
+
+class Bench:
+    """Everything shared by the algorithms of one perf run: backbone, data, both text encoders, cached features."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from fedml_pfedmoap import list_algorithms
+        from fedml_pfedmoap.algorithms import get_algorithm
+        from fedml_pfedmoap.clip.backbone import load_clip
+        from fedml_pfedmoap.clip.prompt import TextEncoder
+        from . import perf_naive as nv
+
+        self.args = args
+        self.modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+        if not self.modes <= {"fast", "naive"} or "fast" not in self.modes:
+            raise ValueError(f"perf --modes: expected 'fast' or 'fast,naive', got {args.modes!r}")
+        if args.rounds < 1 or args.whole_run < 1:
+            raise ValueError("perf: --rounds and --whole-run must be >= 1")
+        want = args.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(want)
+        self.precision = args.precision
+        names = list_algorithms() if args.algorithms == "all" else [a.strip().lower() for a in args.algorithms.split(",")]
+        self.algorithms = names
+        classes = [get_algorithm(n) for n in names]  # fails early on an unknown name
+        model, quick = SCALES[args.scale]
+        torch.manual_seed(args.seed)  # random-init weights, identical for both paths
+        self.backbone = load_clip(model, None, device=self.device, force_quick_gelu=quick)
+        self.patches = nv.needs_patches(classes)
+        self.data = nv.synthetic_data(self.backbone, args.classes, args.clients, args.shots, args.test,
+                                      self.patches, args.seed)
+        self.text_fast = TextEncoder(self.backbone, self.data.classnames, truncate=True).to(self.device)
+        self.text_naive = TextEncoder(self.backbone, self.data.classnames, truncate=False).to(self.device)
+        set_precision(self, args.precision)
+
+        def extract():
+            return ([nv.encode_all(self.backbone, s, self.patches) for s in self.data.train],
+                    [nv.encode_all(self.backbone, s, self.patches) for s in self.data.test])
+
+        (self.fast_train, self.fast_test), self.extract_s = timed(extract, self.device)
+
+    @classmethod
+    def build(cls, args: argparse.Namespace) -> "Bench":
+        return cls(args)
+
+    def runtime(self, naive: bool):
+        from fedml_pfedmoap.algorithms.base import Runtime
+        from .perf_naive import NeverHitCache
+
+        a = self.args
+        kw = dict(backbone=self.backbone, num_clients=a.clients, seed=a.seed, local_epochs=a.epochs,
+                  batch_size=a.batch, device=self.device, rounds=a.whole_run)
+        if naive:
+            return Runtime(text=self.text_naive, eval_batch_size=a.batch, cache=NeverHitCache(), **kw)
+        return Runtime(text=self.text_fast, **kw)
+
+    def clients(self, naive: bool):
+        from fedml_pfedmoap.federated.simulator import ClientData
+
+        if naive:
+            return [ClientData(tr, te) for tr, te in zip(self.data.train, self.data.test)]
+        return [ClientData(tr, te) for tr, te in zip(self.fast_train, self.fast_test)]
+
+    def make(self, name: str, naive: bool, snap: Optional[Dict[str, Any]] = None):
+        """A fresh algorithm + simulator for one path, optionally restored to a snapshot (server + client states)."""
+        from fedml_pfedmoap.algorithms import get_algorithm
+        from fedml_pfedmoap.federated.simulator import Simulator
+        from .perf_naive import algorithm_params, naive_algorithm
+
+        cls = get_algorithm(name)
+        cls = naive_algorithm(cls) if naive else cls
+        algo = cls(self.runtime(naive), algorithm_params(name, self.args.experts))
+        sim = Simulator(algo, self.clients(naive), rounds=self.args.whole_run, frac=1.0, seed=self.args.seed,
+                        progress=False)
+        if snap is not None:
+            algo.load_server_state(copy.deepcopy(snap["server"]))
+            sim.states = copy.deepcopy(snap["states"])
+        return algo, sim
+
+
+def set_precision(bench: Bench, precision: str) -> None:
+    """bf16 autocast around the frozen towers of the optimized path (trainable parameters stay fp32)."""
+    if precision == "fp32":
+        return
+    if not hasattr(bench.text_fast, "autocast_dtype"):
+        raise ValueError("perf --precision bf16: this version's TextEncoder has no autocast support")
+    bench.text_fast.autocast_dtype = torch.bfloat16
+    bench.backbone.autocast_dtype = torch.bfloat16
+
+
+ROUND_KEYS = ("round_time_s", "time_train_s", "time_eval_s", "acc_mean", "test_loss", "train_loss")
+
+
+def _round(m: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: m[k] for k in ROUND_KEYS if k in m}
+
+
+@torch.no_grad()
+def logit_check(bench: Bench, name: str, snap: Dict[str, Any], cid: int = 0) -> Dict[str, Any]:
+    """Client ``cid`` from one state: evaluation logits (scorer vs per-batch re-encoding on raw images) and training
+    logits (the train-mode model's forward), optimized vs naive; max |Δlogit|."""
+    from .perf_naive import is_prompt_algorithm
+
+    fast, _ = bench.make(name, naive=False, snap=snap)
+    naive, _ = bench.make(name, naive=True, snap=snap)
+    if not is_prompt_algorithm(fast):  # zero-shot: compare evaluation losses instead
+        st = copy.deepcopy(snap["states"].get(cid, {}))
+        rf = fast.evaluate(fast.eval_payload(cid), st, bench.fast_test[cid])
+        rn = naive.evaluate(naive.eval_payload(cid), st, bench.data.test[cid])
+        return {"max_abs_dlogit": None, "eval_loss_diff": abs(rf.loss - rn.loss)}
+    out: Dict[str, Any] = {}
+    n_test = len(bench.fast_test[cid])
+    fb, nb = bench.fast_test[cid].chunks(n_test).__next__(), bench.data.test[cid].chunks(n_test).__next__()
+    diffs = []
+    for train in (False, True):
+        logits = []
+        for algo, batch in ((fast, fb), (naive, nb)):
+            st = copy.deepcopy(snap["states"].get(cid, algo.init_client_state(cid)))
+            payload = algo.client_payload(cid) if train else algo.eval_payload(cid)
+            model = algo.build_model(payload, st, train=train)
+            model.prepare()
+            logits.append((model(batch) if train else model.scorer()(batch)).float())
+        diffs.append(float((logits[0] - logits[1]).abs().max()))
+        out["max_abs_logit"] = float(logits[1].abs().max())
+    out["max_abs_dlogit_eval"], out["max_abs_dlogit_train"] = diffs
+    out["max_abs_dlogit"] = max(diffs)
+    return out
+
+
+def run_algorithm(bench: Bench, name: str) -> Dict[str, Any]:
+    """Optimized rounds 0..R−1; naive round 0 and R−1 from the same snapshots; logits; projections."""
+    a = bench.args
+    algo, sim = bench.make(name, naive=False)
+    snaps: Dict[int, Dict[str, Any]] = {}
+    last = a.rounds - 1
+    fast_rounds: List[Dict[str, Any]] = []
+    with MemorySampler(bench.device) as mem:
+        for t in range(a.rounds):
+            if t in (0, last):
+                snaps[t] = snapshot(algo, sim.states)
+            m, secs = timed(lambda: sim.run_round(t), bench.device)
+            fast_rounds.append({**_round(m), "wall_s": secs})
+    row: Dict[str, Any] = {"algorithm": name, "fast_rounds": fast_rounds, **mem.report()}
+    steady_f = fast_rounds[last]["wall_s"]
+    row["fast_steady_round_s"] = steady_f
+    row["fast_whole_run_s"] = bench.extract_s + fast_rounds[0]["wall_s"] + (a.whole_run - 1) * steady_f
+    if "naive" not in bench.modes:
+        return row
+    naive_rounds: Dict[int, Dict[str, Any]] = {}
+    for t in sorted(snaps):
+        nalgo, nsim = bench.make(name, naive=True, snap=snaps[t])
+        nsim.next_round = t
+        m, secs = timed(lambda: nsim.run_round(t), bench.device)
+        naive_rounds[t] = {**_round(m), "wall_s": secs}
+    row["naive_rounds"] = {str(k): v for k, v in naive_rounds.items()}
+    steady_n = naive_rounds[last]["wall_s"]
+    row["naive_steady_round_s"] = steady_n
+    row["naive_whole_run_s"] = naive_rounds[0]["wall_s"] + (a.whole_run - 1) * steady_n
+    row["speedup_steady"] = steady_n / steady_f
+    row["speedup_whole_run"] = row["naive_whole_run_s"] / row["fast_whole_run_s"]
+    f_last, n_last = fast_rounds[last], naive_rounds[last]
+    if "acc_mean" in f_last and "acc_mean" in n_last:
+        row["acc_equal"] = abs(f_last["acc_mean"] - n_last["acc_mean"]) < 1e-9
+        row["test_loss_diff"] = abs(f_last["test_loss"] - n_last["test_loss"])
+    row.update(logit_check(bench, name, snaps[last]))
+    return row
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """A fixed-width table: one line per algorithm."""
+    s = result["settings"]
+    head = (f"perf: {result['model']} C={s['classes']} N={s['clients']} shots={s['shots']} batch={s['batch']} "
+            f"K={s['experts']} device={result['machine']['device']} precision={s['precision']} "
+            f"extract={result['extract_s']:.2f}s")
+    cols = ["algorithm", "fast s/rd", "naive s/rd", "×steady", f"fast {s['whole_run']}rd", f"naive {s['whole_run']}rd",
+            "×run", "max|Δlogit|", "peak MB"]
+    lines = [head, " | ".join(f"{c:>12}" for c in cols)]
+
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in result["algorithms"]:
+        if "error" in r:
+            lines.append(f"{r['algorithm']:>12} | error: {r['error']}")
+            continue
+        mem = r.get("cuda_max_allocated_mb", r.get("peak_rss_mb"))
+        vals = [r["algorithm"], f(r.get("fast_steady_round_s"), ".3f"), f(r.get("naive_steady_round_s"), ".3f"),
+                f(r.get("speedup_steady"), ".1f"), f(r.get("fast_whole_run_s"), ".2f"),
+                f(r.get("naive_whole_run_s"), ".2f"), f(r.get("speedup_whole_run"), ".1f"),
+                f(r.get("max_abs_dlogit"), ".2e"), f(mem, ".0f")]
+        lines.append(" | ".join(f"{v:>12}" for v in vals))
+    t = result.get("text", {})
+    if "fast" in t:
+        lines.append(f"text fwd+bwd over C prompts: fast L={t['fast']['seq_len']} {t['fast']['fwd_bwd_s']:.4f}s "
+                     f"({t['fast']['tflops_per_s']:.3f} TFLOP/s, peak {t.get('peak_tflops_per_s') or 'n/a'})"
+                     + (f"; naive L={t['naive']['seq_len']} {t['naive']['fwd_bwd_s']:.4f}s" if "naive" in t else ""))
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Leaderboard plots (matplotlib, Agg): accuracy vs round per algorithm; per-client accuracy distribution."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_algorithm(records: Sequence[Any]) -> Dict[str, List[Any]]:
+    out: Dict[str, List[Any]] = {}
+    for r in records:
+        out.setdefault(r.algorithm, []).append(r)
+    return out
+
+
+def accuracy_vs_round(records: Sequence[Any], title: str, path: Path) -> Path:
+    """Mean client accuracy (``acc_mean``) per evaluated round, one line per algorithm: mean over seeds ± std."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for algo, recs in _by_algorithm(records).items():
+        per_round: Dict[int, List[float]] = {}
+        for r in recs:
+            for x in r.rounds:
+                if "acc_mean" in x:
+                    per_round.setdefault(int(x["round"]), []).append(100 * x["acc_mean"])
+        if not per_round:
+            continue
+        t = np.array(sorted(per_round))
+        m = np.array([np.mean(per_round[k]) for k in t])
+        s = np.array([np.std(per_round[k]) for k in t])
+        ax.plot(t + 1, m, marker="o", ms=3, label=algo)
+        ax.fill_between(t + 1, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel("acc_mean (%)")
+    ax.set_title(f"accuracy vs round: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def client_distribution(records: Sequence[Any], title: str, path: Path) -> Path:
+    """Final-round accuracy of every client (pooled over seeds): a box per algorithm with the points on top."""
+    plt = _plt()
+    groups = [(a, [100 * v for r in recs for v in r.client_acc]) for a, recs in _by_algorithm(records).items()]
+    groups = [(a, v) for a, v in groups if v]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 2), 4.0))
+    if groups:
+        ax.boxplot([v for _, v in groups], showmeans=True)
+        ax.set_xticks(range(1, len(groups) + 1), [a for a, _ in groups], rotation=30, fontsize=8)
+        rng = np.random.default_rng(0)  # fixed jitter, for reproducible images
+        for i, (_, v) in enumerate(groups, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=8, alpha=0.5, color="k")
+    ax.set_ylabel("client accuracy, final round (%)")
+    ax.set_title(f"per-client accuracy: {title}", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

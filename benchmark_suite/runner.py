@@ -1,0 +1,262 @@
+"""``pfedmoap-bench run --config FILE [--set key=value ...] [--only algo=...]``: run a benchmark grid.
+
+The grid (``benchmark_args``, see ``grid.py``) is expanded and validated before anything runs. Cells run one after
+the other in one process and share one ``Resources`` (backbone, dataset, cached features) and, through the partition
+files, one partition per (dataset, split, data seed). Each cell logs to MLflow (a nested run under this invocation's
+parent run) and checkpoints at every round boundary; a rerun skips finished cells and continues an interrupted cell
+from its last checkpoint with the same final numbers. At the end the leaderboard table is printed and
+``<output_dir>/<benchmark>/summary.csv``, ``LEADERBOARD.md`` and plots are written (from MLflow when tracking is on).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="benchmark YAML (FedML-style sections + benchmark_args)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. train_args.comm_round=3 (repeatable)")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=V1[,V2]",
+                        help="run a subset: algo=, dataset=, split=, seed=, override= (repeatable, ANDed)")
+    parser.add_argument("--rerun", action="store_true", help="ignore finished runs and checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--checkpoint-every", type=int, default=1, metavar="R", help="checkpoint every R rounds")
+    parser.add_argument("--headline", default="acc_last5", choices=("acc_last5", "acc_last"))
+
+
+def uri_is_explicit(sets: Sequence[str]) -> bool:
+    return any(s.split("=", 1)[0].strip() == "tracking_args.mlflow_tracking_uri" for s in sets)
+
+
+def experiment_name(cfg: Any) -> str:
+    """``tracking_args.mlflow_experiment``, else ``MLFLOW_EXPERIMENT_NAME``, else the benchmark name."""
+    return cfg.tracking_args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.benchmark_args.name
+
+
+def cell_params(cell: Any, partition_hash: str) -> Dict[str, Any]:
+    """The flattened resolved config (other algorithms' hyperparameters left out) plus the partition hash."""
+    flat = {k: v for k, v in cell.cfg.flat().items()
+            if not k.startswith("algorithm_args.") or k.startswith(f"algorithm_args.{cell.algorithm}.")}
+    flat["partition_hash"] = partition_hash
+    return flat
+
+
+def _fault_injection(label: str, round_idx: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or "@" not in spec:
+        return
+    where, rnd = spec.rsplit("@", 1)
+    if where in label and int(rnd) == round_idx:
+        print(f"FAULT-STALL {label} round {round_idx}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+class GridRunner:
+    """Runs cells with shared resources, MLflow logging, checkpoints and one progress bar with an ETA."""
+
+    def __init__(self, out_dir: Path, tracker: Any = None, progress: bool = True, rerun: bool = False,
+                 checkpoint_every: int = 1) -> None:
+        from fedml_pfedmoap.experiment import Resources
+
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.tracker = tracker
+        self.progress = progress
+        self.rerun = rerun
+        self.every = max(1, int(checkpoint_every))
+        self.resources = Resources()
+        self.ran: List[str] = []  # labels of the cells run (or continued) by this invocation
+        self._tmp = tempfile.TemporaryDirectory(prefix="pfedmoap-bench-")
+        self._partition_png: Dict[tuple, Path] = {}
+
+    def store(self, cell: Any):
+        from fedml_pfedmoap.checkpoint import CheckpointStore
+
+        return CheckpointStore(self.ckpt_dir, cell.slug)
+
+    def finished(self, cells: Sequence[Any]) -> Dict[str, Any]:
+        """cell hash -> record of the cells already finished (MLflow when tracking, else finished checkpoints)."""
+        from fedml_pfedmoap.checkpoint import result_from
+
+        from .leaderboard import CellRecord
+
+        if self.rerun:
+            return {}
+        if self.tracker is not None:
+            return dict(self.tracker.finished_runs([c.hash for c in cells]))
+        out = {}
+        for c in cells:
+            ck = self.store(c).load(c.hash)
+            if ck is not None and ck.get("finished"):
+                out[c.hash] = CellRecord.from_result(c, result_from(ck), ck.get("mlflow_run_id"))
+        return out
+
+    def run(self, cells: Sequence[Any], run_name: str, parent_tags: Dict[str, str]) -> Dict[str, Any]:
+        """Run every unfinished cell; returns cell hash -> CellRecord for the cells run here."""
+        from tqdm.auto import tqdm
+
+        from .grid import unique_cells
+
+        todo = unique_cells(cells)
+        done = self.finished(todo)
+        pending = [c for c in todo if c.hash not in done]
+        for c in todo:
+            if c.hash in done:
+                logger.info("skip finished cell %s", c.label)
+        logger.info("%d cells in the grid: %d finished, %d to run", len(todo), len(done), len(pending))
+        records: Dict[str, Any] = {}
+        if not pending:
+            return records
+        if self.tracker is not None:
+            self.tracker.start_parent(run_name, tags=parent_tags)
+        total = sum(c.cfg.train_args.comm_round for c in pending)
+        bar = tqdm(total=total, unit="round", desc="grid", disable=not self.progress, dynamic_ncols=True)
+        status = "FAILED"
+        try:
+            for i, cell in enumerate(pending):
+                records[cell.hash] = self.run_cell(cell, bar, f"{i + 1}/{len(pending)}")
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            bar.close()
+            if self.tracker is not None:
+                self.tracker.end_parent(status)
+        return records
+
+    def run_cell(self, cell: Any, bar: Any, position: str) -> Any:
+        from fedml_pfedmoap.checkpoint import restore, snapshot
+        from fedml_pfedmoap.experiment import build_experiment
+        from fedml_pfedmoap.tracking import git_commit
+
+        from .leaderboard import CellRecord
+
+        exp = build_experiment(cell.cfg, cell.algorithm, cell.seed, self.resources, progress=False)
+        sim, store, tr = exp.simulator, self.store(cell), self.tracker
+        ckpt = None if self.rerun else store.load(cell.hash)
+        if ckpt is not None and ckpt.get("finished"):
+            ckpt = None  # finished by a run whose MLflow record is gone: run it again
+        run_id = None
+        if ckpt is not None:
+            restore(sim, ckpt)
+            run_id = ckpt.get("mlflow_run_id")
+            logger.info("resume %s from round %d", cell.label, sim.next_round)
+            bar.update(sim.next_round)
+        if tr is not None:
+            resumed = run_id
+            run_id = tr.start_cell(cell.label, cell_params(cell, exp.partition.hash),
+                                   {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
+            if ckpt is not None and resumed == run_id:  # rounds checkpointed but not yet logged when interrupted
+                logged = tr.logged_steps(run_id)
+                for m in sim.result.rounds:
+                    if int(m["round"]) not in logged:
+                        tr.log_round(run_id, m, int(m["round"]))
+            else:
+                for m in sim.result.rounds:  # a new run for a checkpointed cell: log the history first
+                    tr.log_round(run_id, m, int(m["round"]))
+                self._log_start_artifacts(cell, exp, run_id)
+
+        def on_round(m: Dict[str, Any], s: Any) -> None:
+            t = int(m["round"])
+            if s.next_round % self.every == 0 or s.next_round >= s.rounds:
+                store.save(snapshot(s, cell.hash, run_id))
+            _fault_injection(cell.label, t)
+            if tr is not None:
+                tr.log_round(run_id, m, t)
+            bar.update(1)
+            post = {"cell": f"{position} {cell.label}", "clients": f"{m.get('participants', '?')}/{s.num_clients}"}
+            if "acc_mean" in m:
+                post["acc"] = f"{m['acc_mean']:.3f}"
+            bar.set_postfix(post, refresh=False)
+
+        sim.on_round = on_round
+        try:
+            result = sim.run()
+        except BaseException:
+            if tr is not None:
+                tr.end_cell(run_id, "FAILED")
+            raise
+        if tr is not None:
+            from fedml_pfedmoap.tracking import write_client_acc_csv
+
+            tr.log_summary(run_id, result.summary)
+            path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
+            tr.log_artifact(run_id, path)
+            tr.end_cell(run_id, "FINISHED")
+        store.save(snapshot(sim, cell.hash, run_id, finished=True))
+        store.prev.unlink(missing_ok=True)
+        self.ran.append(cell.label)
+        logger.info("finished %s: %s", cell.label, result)
+        return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
+
+    def _log_start_artifacts(self, cell: Any, exp: Any, run_id: str) -> None:
+        import yaml
+
+        from fedml_pfedmoap.tracking import write_partition_png
+
+        d = Path(self._tmp.name) / cell.hash
+        d.mkdir(parents=True, exist_ok=True)
+        cfg_path = d / "config.yaml"
+        cfg_path.write_text(yaml.safe_dump(cell.cfg.to_dict(), sort_keys=False))
+        self.tracker.log_artifact(run_id, cfg_path)
+        key = (cell.partition_key, exp.partition.hash)
+        if key not in self._partition_png:
+            png = Path(self._tmp.name) / f"partition-{exp.partition.hash}.png"
+            hist = exp.partition.histograms(exp.dataset)["train"]
+            title = f"{cell.dataset} / {cell.split} / data seed {cell.data_seed} ({exp.partition.hash})"
+            self._partition_png[key] = write_partition_png(hist, list(exp.dataset.classnames), title, png)
+        self.tracker.log_artifact(run_id, self._partition_png[key])
+
+
+def main(args: argparse.Namespace) -> int:
+    from fedml_pfedmoap.config import load_config
+    from fedml_pfedmoap.tracking import MlflowLogger, git_commit, resolve_tracking_uri
+
+    from . import leaderboard as lb
+    from .grid import expand_grid
+
+    base = load_config(args.config, args.set)
+    cells = expand_grid(base, args.only)  # every grid error surfaces here, before any run
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.label}  [{c.hash}]")
+        return 0
+    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, uri_is_explicit(args.set))
+    tracker = MlflowLogger(uri, experiment_name(base)) if uri else None
+    bench = base.benchmark_args.name
+    out_dir = Path(base.common_args.output_dir) / bench
+    runner = GridRunner(out_dir, tracker, progress=not args.no_progress, rerun=args.rerun,
+                        checkpoint_every=args.checkpoint_every)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    tags = {"benchmark": bench, "config_file": str(args.config), "git_commit": git_commit(),
+            "sets": " ".join(args.set), "only": " ".join(args.only), "cells": str(len(cells))}
+    ran = runner.run(cells, f"{bench} {stamp}", tags)
+    if tracker is not None:  # the table and files come from MLflow, the single source of truth
+        records, missing = lb.collect_from_mlflow(tracker, cells)
+        source = f"MLflow `{uri}`, experiment `{tracker.experiment}`"
+    else:
+        by_hash = {**runner.finished(cells), **ran}
+        records = [by_hash[c.hash].relabel(c) for c in cells if c.hash in by_hash]
+        missing = [c for c in cells if c.hash not in by_hash]
+        source = "this run (tracking off)"
+    paths = lb.write_outputs(records, out_dir, bench, base.benchmark_args.caution, args.headline,
+                             f"{source}, {stamp}", [c.label for c in missing])
+    print(lb.console_table(records, base.benchmark_args.caution))
+    print(f"ran {len(runner.ran)} cell(s), {len(cells) - len(runner.ran)} already finished; wrote "
+          f"{out_dir / 'summary.csv'}, {out_dir / 'LEADERBOARD.md'} and {len(paths) - 2} plot(s)"
+          + (f"; MLflow: {uri} (mlflow ui --backend-store-uri {uri})" if uri and uri.startswith("sqlite") else
+             f"; MLflow: {uri}" if uri else ""))
+    return 0
+

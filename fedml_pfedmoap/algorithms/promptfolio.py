@@ -1,0 +1,111 @@
+"""PromptFolio (Pan et al., "Federated Learning from Vision-Language Foundation Models: Theoretical Analysis and
+Method", NeurIPS 2024; BASELINES.md §6), plus the global/private split shared by FedOTP and FedPGP.
+
+``PersonalPromptAlgorithm`` is PromptFL whose model has one **global** part, the parameter ``ctx`` (downloaded,
+uploaded, FedAvg-averaged by the base class, and the only tensor a DP hook ever sees), and **private** parts named by
+``local_keys``: plain tensors kept in the client's state dict, started from one shared init (same for every client at
+a given train seed) and never uploaded. A never-trained client is evaluated with [latest global; shared init].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, normal_prompt, register_algorithm
+
+
+@dataclass
+class PersonalParams(PromptParams):
+    """Shared-schedule flag of the personalized baselines (BASELINES.md §4: ``round0_all_clients``)."""
+
+    round0_all_clients: bool = False  # the references train every client in round 0; not implemented here
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.round0_all_clients:
+            raise ValueError("algorithm_args.<algo>.round0_all_clients: not implemented in this version; the suite "
+                             "uses the shared participation schedule (expected false)")
+
+
+class PersonalPromptAlgorithm(PromptAlgorithm):
+    """Global ``ctx`` averaged by the server; private tensors ``local_keys`` kept per client index in its state."""
+
+    local_keys: ClassVar[Tuple[str, ...]] = ()
+    Params = PersonalParams
+
+    def local_init(self) -> Dict[str, torch.Tensor]:
+        """The shared init of the private tensors (identical for every client at a given train seed)."""
+        raise NotImplementedError
+
+    def _local_init(self) -> Dict[str, torch.Tensor]:
+        if not hasattr(self, "_local_init_cache"):
+            self._local_init_cache = self.local_init()
+        return self._local_init_cache
+
+    def init_client_state(self, client_id: int) -> Dict[str, Any]:
+        return {k: v.clone() for k, v in self._local_init().items()}
+
+    def build_model(self, payload: Dict[str, Any], state: Dict[str, Any], train: bool) -> nn.Module:
+        init = self._local_init()
+        local = {k: state[k] if k in state else init[k] for k in self.local_keys}
+        return self.model_cls(self.rt, payload["global_prompt"], self.hp, **local)
+
+    def keep_state(self, model: nn.Module, payload: Dict[str, Any], state: Dict[str, Any]) -> None:
+        for k in self.local_keys:
+            state[k] = getattr(model, k).detach().cpu().clone()
+
+
+class DualPromptModel(CoOpModel):
+    """A global prompt ``ctx`` and a private prompt ``local_ctx`` (n_ctx, W), trained together by one SGD."""
+
+    def __init__(self, rt: Runtime, ctx: torch.Tensor, hp: Any, local_ctx: torch.Tensor) -> None:
+        super().__init__(rt, ctx)
+        self.hp = hp
+        self.local_ctx = nn.Parameter(local_ctx.detach().clone().float().to(rt.device))
+
+    def param_groups(self, hp: PromptParams) -> List[Dict[str, Any]]:
+        return [{"params": [self.ctx, self.local_ctx], "lr": hp.lr}]
+
+    def pair_features(self) -> torch.Tensor:
+        """Normalized text features of [global; local] from ONE batched text-encoder call: (2, C, D)."""
+        return F.normalize(self.rt.text.features(torch.stack([self.ctx, self.local_ctx])).float(), dim=-1)
+
+
+@dataclass
+class PromptFolioParams(PersonalParams):
+    theta: float = 0.4  # frac_p: weight of the local text feature (README value; FLiP uses 0.2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.theta <= 1.0:
+            raise ValueError(f"algorithm_args.promptfolio.theta: expected a value in [0, 1], got {self.theta}")
+
+
+class PromptFolioModel(DualPromptModel):
+    """logits = s · Î · ((1-θ)·T̂_g + θ·T̂_l)ᵀ; each text feature normalized before mixing, the mix is not."""
+
+    def text_features(self) -> torch.Tensor:
+        t = self.pair_features()
+        theta = float(self.hp.theta)
+        return (1.0 - theta) * t[0] + theta * t[1]
+
+
+@register_algorithm("promptfolio")
+class PromptFolio(PersonalPromptAlgorithm):
+    """Global prompt g (uploaded, FedAvg) and private prompt l; both trained locally every round.
+
+    Parameters (``algorithm_args.promptfolio``): ``theta`` = 0.4 (mixing weight of the local features), plus the
+    shared SGD settings (lr 0.002, momentum 0.9, weight decay 5e-4; the spec fixes no other lr for PromptFolio).
+    """
+
+    name = "promptfolio"
+    Params = PromptFolioParams
+    model_cls = PromptFolioModel
+    local_keys = ("local_ctx",)
+
+    def local_init(self) -> Dict[str, torch.Tensor]:
+        return {"local_ctx": normal_prompt(self.rt.ctx_shape, self.rt.seed, "local-ctx-init")}

@@ -1,0 +1,141 @@
+"""Training features under image augmentation (DATA.md §6): ``train_augment: online`` and ``bank:M``.
+
+With augmentation the frozen image tower no longer sees a fixed image, so training batches cannot come from one
+cached feature matrix:
+
+* ``OnlineFeatureSet`` re-encodes every training batch from its images through RandomResizedCrop + flip (CoOp's
+  augmentation); the crops are drawn from a private seed taken from the batch generator, so a run is reproducible
+  for a given training seed and the global RNG is never touched.
+* ``BankFeatureSet`` precomputes M augmented views per image once (each view cached on disk like any feature split,
+  the view index and its seed in the cache key) and draws one view per item per batch from the batch generator.
+
+Both keep the clean (test-transform) features in ``feats``, so ``chunks``/``feats`` users still work; only
+``batches`` (what local training iterates) sees augmented features.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..clip.backbone import ClipBackbone
+from ..data.base import ImageDataset, SplitData
+from ..data.transforms import parse_augment, test_transform, train_transform
+from .features import Batch, FeatureCache, FeatureSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..experiment import Resources
+
+
+def _order(n: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list:
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+    return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+
+
+class OnlineFeatureSet(FeatureSet):
+    """A split whose training batches are encoded on the fly from freshly augmented images."""
+
+    def __init__(self, clean: FeatureSet, split: SplitData, items: torch.Tensor, backbone: ClipBackbone,
+                 transform: Callable, patches: bool, device: torch.device | str) -> None:
+        super().__init__(clean.feats, clean.labels, clean.patches)
+        self.split, self.items, self.backbone = split, items.long().cpu(), backbone
+        self.transform, self.want_patches, self.device = transform, bool(patches), device
+
+    @torch.no_grad()
+    def encode(self, idx: torch.Tensor, seed: int) -> Batch:
+        """Augment and encode the items at positions ``idx`` with crops drawn from ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            imgs = torch.stack([self.transform(self.split.image(int(self.items[i]))) for i in idx.tolist()])
+        feats, toks = self.backbone.encode_image(imgs.to(self.device), patches=self.want_patches)
+        return Batch(feats.float(), self.labels[idx.to(self.labels.device)],
+                     toks.float() if toks is not None else None)
+
+    def batches(self, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[Batch]:
+        for idx in _order(len(self), batch_size, generator, drop_last):
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            yield self.encode(idx, seed)
+
+    def subset(self, idx: Sequence[int]) -> "OnlineFeatureSet":
+        t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        clean = FeatureSet(*self._astuple(t))
+        return OnlineFeatureSet(clean, self.split, self.items[t], self.backbone, self.transform, self.want_patches,
+                                self.device)
+
+    def to(self, device: torch.device | str) -> "OnlineFeatureSet":
+        return OnlineFeatureSet(FeatureSet.to(self, device), self.split, self.items, self.backbone, self.transform,
+                                self.want_patches, device)
+
+
+class BankFeatureSet(FeatureSet):
+    """A split with M cached augmented views per item; each batch item gets one view chosen by the generator."""
+
+    def __init__(self, clean: FeatureSet, views: torch.Tensor, view_patches: Optional[torch.Tensor] = None) -> None:
+        super().__init__(clean.feats, clean.labels, clean.patches)
+        if views.dim() != 3 or views.shape[1] != len(clean):
+            raise ValueError(f"bank views must be (M, N={len(clean)}, D), got {tuple(views.shape)}")
+        self.views, self.view_patches = views, view_patches
+
+    @property
+    def num_views(self) -> int:
+        return int(self.views.shape[0])
+
+    def batches(self, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[Batch]:
+        for idx in _order(len(self), batch_size, generator, drop_last):
+            pick = torch.randint(0, self.num_views, (len(idx),), generator=generator)
+            dev = self.views.device
+            v, i = pick.to(dev), idx.to(dev)
+            patches = self.view_patches[v, i] if self.view_patches is not None else None
+            yield Batch(self.views[v, i], self.labels[idx.to(self.labels.device)], patches)
+
+    def subset(self, idx: Sequence[int]) -> "BankFeatureSet":
+        t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        vp = self.view_patches[:, t] if self.view_patches is not None else None
+        return BankFeatureSet(FeatureSet(*self._astuple(t)), self.views[:, t], vp)
+
+    def to(self, device: torch.device | str) -> "BankFeatureSet":
+        vp = self.view_patches.to(device) if self.view_patches is not None else None
+        return BankFeatureSet(FeatureSet.to(self, device), self.views.to(device), vp)
+
+
+def bank_views(cache: FeatureCache, backbone: ClipBackbone, ds: ImageDataset, transform: Callable, desc: str,
+               num_views: int, patches: bool, device: torch.device | str, seed: int = 0
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Encode (or load) ``num_views`` augmented views of the train split; view m draws its crops from seed (seed, m)."""
+    feats, toks = [], []
+    for m in range(num_views):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) * 1000003 + m)
+            fs = cache.load_or_encode(backbone, ds.fingerprint(), "train", ds.train, transform,
+                                      f"{desc}:view{m}:seed{seed}", patches=patches, device=device)
+        feats.append(fs.feats)
+        if patches:
+            toks.append(fs.patches)
+    return torch.stack(feats), (torch.stack(toks) if patches else None)
+
+
+def augmented_train_features(res: "Resources", cfg: "Config", backbone: ClipBackbone, ds: ImageDataset,
+                             patches: bool, device: torch.device) -> FeatureSet:
+    """The train-split FeatureSet for ``train_augment`` online / bank:M (experiment.Resources.split_features)."""
+    kind, m = parse_augment(cfg.data_args.train_augment)
+    size, mean, std = backbone.image_size, backbone.image_mean, backbone.image_std
+    aug, desc = train_transform(cfg.data_args.train_augment, size, mean, std)
+    cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
+    clean_fn, clean_desc = test_transform(size, mean, std)
+    clean_key = (backbone.identity, ds.fingerprint(), "train", clean_desc, patches and kind == "bank")
+    if clean_key not in res.features:
+        res.features[clean_key] = cache.load_or_encode(backbone, ds.fingerprint(), "train", ds.train, clean_fn,
+                                                       clean_desc, patches=clean_key[-1], device=device).to(device)
+    clean = res.features[clean_key]
+    if kind == "online":
+        return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device)
+    key = (backbone.identity, ds.fingerprint(), "train", desc, patches)
+    if key not in res.features:
+        views, view_patches = bank_views(cache, backbone, ds, aug, desc, m, patches, device,
+                                         seed=cfg.common_args.data_seed)
+        res.features[key] = BankFeatureSet(clean, views, view_patches).to(device)
+    return res.features[key]

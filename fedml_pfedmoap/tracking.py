@@ -1,0 +1,254 @@
+"""MLflow tracking for benchmark grids: one experiment per benchmark, a parent run per grid invocation and one nested
+run per cell (the pattern of torchtune's ``MLFlowLogger``, plus proper handling of an already active parent run).
+
+* ``mlflow`` is imported lazily, with an actionable error when it is missing.
+* The tracking URI: an explicit ``--set tracking_args.mlflow_tracking_uri=...`` wins, then ``MLFLOW_TRACKING_URI``,
+  then the YAML value (default ``sqlite:///results/mlflow.db``, relative to the working directory); ``null`` turns
+  tracking off. ``MLFLOW_EXPERIMENT_NAME`` names the experiment when the config does not; ``MLFLOW_RUN_ID`` or an
+  active run (``mlflow.start_run()`` around the grid) becomes the parent.
+* Metrics are logged once per round in one batch (``acc_mean``, ``acc_weighted``, ``acc_std``, ``acc_bottom10``,
+  ``train_loss``, ``test_loss``, ``bytes_up``, ``bytes_down``, ``round_time_s``, ``peak_rss_mb`` and any other numeric
+  round metric), with ``step`` = round index; summaries ``acc_last``/``acc_last5``/``acc_best`` at the end.
+* Only the server side logs (a single writer), as FedML has no MLflow support of its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import logging
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+OFF = {"", "none", "null", "off", "false"}
+ROUND_METRICS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
+                 "bytes_down", "round_time_s", "peak_rss_mb")
+SUMMARY_METRICS = ("acc_last", "acc_last5", "acc_best")
+STEP_KEY = "round_time_s"  # logged every round: its history tells which rounds reached MLflow
+MAX_PARAM_LEN = 6000
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError as err:  # pragma: no cover - mlflow is a dependency
+        raise ImportError("MLflow tracking needs `mlflow` (pip install 'mlflow==2.22.5'), or set "
+                          "tracking_args.mlflow_tracking_uri=null to run without tracking") from err
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mlflow
+
+
+def resolve_tracking_uri(configured: Optional[str], explicit: bool = False) -> Optional[str]:
+    """Explicit setting > ``MLFLOW_TRACKING_URI`` > YAML value; None when tracking is off."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = configured if explicit or not env else env
+    return None if uri is None or str(uri).strip().lower() in OFF else str(uri).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The git commit of the checkout the package runs from, else ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, timeout=5,
+                             capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _finite(items: Mapping[str, Any]) -> Dict[str, float]:
+    out = {}
+    for k, v in items.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "round":
+            out[k] = float(v)
+    return out
+
+
+class MlflowLogger:
+    """Parent/child MLflow runs over ``MlflowClient`` (explicit run ids, no global active-run stack)."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        mlflow = _mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri[len("sqlite:///"):])
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # without a location MLflow would drop artifacts into ./mlruns; keep them beside the database
+            artifact_location = (db.parent.resolve() / "mlartifacts" / experiment).as_uri()
+        with contextlib.redirect_stderr(io.StringIO()):  # a new sqlite store prints ~40 alembic migration lines
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+        self.experiment = experiment
+        self.parent_id: Optional[str] = None
+        self._own_parent = False
+        self._mlflow = mlflow
+
+    # ---- parent run ---------------------------------------------------------------------------------------------
+    def start_parent(self, run_name: str, tags: Optional[Mapping[str, str]] = None,
+                     params: Optional[Mapping[str, Any]] = None) -> str:
+        """Use ``MLFLOW_RUN_ID`` or the caller's active run as the parent; else open a new parent run."""
+        active = self._mlflow.active_run()
+        given = os.environ.get("MLFLOW_RUN_ID") or (active.info.run_id if active is not None else None)
+        if given:
+            self.parent_id, self._own_parent = given, False
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self.parent_id, self._own_parent = run.info.run_id, True
+            self.log_params(self.parent_id, params or {})
+        return self.parent_id
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_id and self._own_parent:
+            self.client.set_terminated(self.parent_id, status)
+
+    # ---- cell runs ----------------------------------------------------------------------------------------------
+    def start_cell(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                   resume_run_id: Optional[str] = None) -> str:
+        """A nested run under the parent; an interrupted cell's run is resumed (and moved under this parent)."""
+        if resume_run_id:
+            try:
+                run = self.client.get_run(resume_run_id)
+            except Exception:  # deleted, other store: start a fresh run
+                run = None
+            if run is not None and run.info.experiment_id == self.experiment_id:
+                old_parent = run.data.tags.get("mlflow.parentRunId")
+                if old_parent and old_parent != self.parent_id:
+                    self._close_stale_parent(old_parent)
+                    self.client.set_tag(resume_run_id, "mlflow.parentRunId", self.parent_id)
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.client.set_tag(resume_run_id, "resumed", "true")
+                return resume_run_id
+            logger.warning("MLflow run %s of the checkpoint is not in experiment %r; starting a new run",
+                           resume_run_id, self.experiment)
+        all_tags = {**tags, "git_commit": git_commit(), "fedml_pfedmoap_version": package_version()}
+        if self.parent_id:
+            all_tags["mlflow.parentRunId"] = self.parent_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def _close_stale_parent(self, run_id: str) -> None:
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - best effort bookkeeping
+            pass
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_round(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """One batched call per round; non-finite values (e.g. zero-shot's train loss) are skipped."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, v, ts, int(step)) for k, v in _finite(metrics).items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def logged_steps(self, run_id: str) -> set:
+        return {int(m.step) for m in self.client.get_metric_history(run_id, STEP_KEY)}
+
+    def log_summary(self, run_id: str, summary: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in _finite(summary).items()])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_cell(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    # ---- queries --------------------------------------------------------------------------------------------------
+    def finished_runs(self, cell_hashes: Iterable[str]) -> Dict[str, Any]:
+        """cell hash -> the newest FINISHED nested run carrying it (searched in one paged query)."""
+        wanted = set(cell_hashes)
+        out: Dict[str, Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "attributes.status = 'FINISHED'",
+                                           max_results=1000, order_by=["attributes.start_time DESC"],
+                                           page_token=token)
+            for run in page:
+                h = run.data.tags.get("cell_hash")
+                if h in wanted and h not in out:
+                    out[h] = run
+            token = page.token
+            if not token:
+                return out
+
+
+# ---- artifacts written by the runner ------------------------------------------------------------------------------
+def write_client_acc_csv(client_acc: Sequence[Sequence[float]], rounds: Sequence[Mapping[str, Any]],
+                         path: str | Path) -> Path:
+    """Long form ``round, client, acc`` for every evaluated round."""
+    eval_rounds = [int(r["round"]) for r in rounds if "acc_mean" in r]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["round", "client", "acc"])
+        for t, accs in zip(eval_rounds, client_acc):
+            for cid, a in enumerate(accs):
+                w.writerow([t, cid, f"{float(a):.6f}"])
+    return Path(path)
+
+
+def write_partition_png(hist: Any, classnames: List[str], title: str, path: str | Path) -> Path:
+    """Client × class heat map of training counts (the partition histogram)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    h = np.asarray(hist)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * h.shape[1], 14), min(1.5 + 0.3 * h.shape[0], 12)))
+    im = ax.imshow(h, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_title(title, fontsize=9)
+    if h.shape[1] <= 40:
+        ax.set_xticks(range(h.shape[1]), [c[:12] for c in classnames], rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, label="train images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def read_client_acc_csv(path: str | Path) -> Dict[int, List[float]]:
+    """round -> per-client accuracies (inverse of ``write_client_acc_csv``)."""
+    out: Dict[int, List[float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(int(row["round"]), []).append(float(row["acc"]))
+    return out

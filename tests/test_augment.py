@@ -1,0 +1,97 @@
+"""Training augmentation feature paths (DATA.md §6): ``online`` and ``bank:M`` (federated/augment.py)."""
+import numpy as np
+import pytest
+import torch
+
+from fedml_pfedmoap.data.base import ArraySplit, ImageDataset
+from fedml_pfedmoap.data import transforms as T
+from fedml_pfedmoap.federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
+from fedml_pfedmoap.federated.features import FeatureCache, FeatureSet, encode_split
+
+
+@pytest.fixture(scope="module")
+def tiny_ds():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (12, 40, 48, 3), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    split = ArraySplit(imgs, labels, "aug")
+    return ImageDataset("aug", ["a", "b", "c"], split, split)
+
+
+def _clean(backbone, ds):
+    fn, _ = T.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    arrays = encode_split(backbone, ds.train, fn)
+    return FeatureSet(torch.from_numpy(arrays["feats"]), torch.from_numpy(arrays["labels"]))
+
+
+def test_parse_augment_and_cache_descriptions():
+    assert T.parse_augment("none") == ("none", 0) and T.parse_augment("bank:4") == ("bank", 4)
+    for bad in ("bank:0", "bank:x", "random"):
+        with pytest.raises(ValueError, match="none \\| online \\| bank:M"):
+            T.parse_augment(bad)
+    descs = {T.train_transform(m, 32)[1] for m in ("none", "online", "bank:2", "bank:3")}
+    assert len(descs) == 4  # every mode has its own feature-cache key
+
+
+def test_online_batches_match_explicit_encoding(tiny_backbone, tiny_ds):
+    bb = tiny_backbone
+    aug = T.augment_transform(bb.image_size, bb.image_mean, bb.image_std)
+    fs = OnlineFeatureSet(_clean(bb, tiny_ds), tiny_ds.train, torch.arange(12), bb, aug, False, "cpu").subset(
+        [1, 4, 5, 7, 8, 11, 2])
+    state = torch.random.get_rng_state()
+    got = list(fs.batches(3, torch.Generator().manual_seed(5)))
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    # explicit reference: same permutation and per-batch seeds from the generator, crops under that seed
+    g = torch.Generator().manual_seed(5)
+    items = [1, 4, 5, 7, 8, 11, 2]
+    order = torch.randperm(7, generator=g)
+    assert len(got) == 2  # drop_last: 7 items -> two full batches of 3
+    for b, s in enumerate((0, 3)):
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        pos = order[s:s + 3].tolist()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            imgs = [aug(tiny_ds.train.image(items[p])) for p in pos]
+        want, _ = bb.encode_image(torch.stack(imgs))
+        assert torch.allclose(got[b].feats, want.float(), atol=1e-6)
+        assert got[b].labels.tolist() == [int(tiny_ds.train.labels[items[p]]) for p in pos]
+        clean = fs.feats[torch.tensor(pos)]
+        assert not torch.allclose(got[b].feats, clean, atol=1e-4)  # augmentation actually applied
+    again = list(fs.batches(3, torch.Generator().manual_seed(5)))
+    assert all(torch.equal(a.feats, b.feats) for a, b in zip(got, again))
+
+
+def test_bank_views_and_batches(tiny_backbone, tiny_ds, tmp_path):
+    bb = tiny_backbone
+    aug, desc = T.train_transform("bank:3", bb.image_size, bb.image_mean, bb.image_std)
+    cache = FeatureCache(tmp_path)
+    views, vp = bank_views(cache, bb, tiny_ds, aug, desc, 3, False, "cpu", seed=1)
+    assert views.shape == (3, 12, bb.embed_dim) and vp is None
+    assert not torch.allclose(views[0], views[1])  # distinct views
+    views2, _ = bank_views(FeatureCache(tmp_path), bb, tiny_ds, aug, desc, 3, False, "cpu", seed=1)
+    assert torch.equal(views, views2) and len(list(tmp_path.glob("*.npz"))) == 3  # cached, one file per view
+    fs = BankFeatureSet(_clean(bb, tiny_ds), views).subset([0, 3, 6, 9, 10])
+    got = list(fs.batches(2, torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    order = torch.randperm(5, generator=g)
+    sub = [0, 3, 6, 9, 10]
+    for b, s in enumerate((0, 2)):
+        pos = order[s:s + 2].tolist()
+        pick = torch.randint(0, 3, (2,), generator=g).tolist()
+        for r, (p, m) in enumerate(zip(pos, pick)):
+            assert torch.equal(got[b].feats[r], views[m, sub[p]])
+            assert int(got[b].labels[r]) == int(tiny_ds.train.labels[sub[p]])
+
+
+@pytest.mark.parametrize("mode", ["online", "bank:2"])
+def test_experiment_trains_with_augmentation(quick_cfg, mode):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    quick_cfg.data_args.train_augment = mode
+    quick_cfg.train_args.comm_round = 1
+    quick_cfg.data_args.shots = 2
+    exp = build_experiment(quick_cfg, "promptfl", progress=False)
+    cls = OnlineFeatureSet if mode == "online" else BankFeatureSet
+    assert all(isinstance(c.train, cls) for c in exp.simulator.clients)
+    result = exp.simulator.run()
+    assert np.isfinite(result.rounds[-1]["train_loss"]) and 0.0 <= result.summary["acc_last"] <= 1.0

@@ -1,0 +1,197 @@
+"""Each optimized path equals the naive one it replaces (PFEDMOAP.md §14); no timing assertions.
+
+References are written here as explicit loops (one image / one prompt at a time) on the tiny random-init CLIP.
+"""
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark_suite import perf_naive as nv
+from fedml_pfedmoap.algorithms import get_algorithm, list_algorithms
+from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.clip.prompt import TextEncoder
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
+
+NAMES = ["airplane", "golden retriever", "sea_urchin", "x"]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_backbone):
+    return nv.synthetic_data(tiny_backbone, num_classes=4, num_clients=4, shots=4, test_per_client=5, patches=True)
+
+
+def _img_ref(backbone, images):
+    """One image at a time: uint8 -> [0,1] -> CLIP mean/std -> encode_image."""
+    mean = torch.tensor(backbone.image_mean).view(3, 1, 1)
+    std = torch.tensor(backbone.image_std).view(3, 1, 1)
+    out = [backbone.encode_image(((im.float() / 255.0 - mean) / std)[None], patches=True) for im in images]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def test_cached_features_equal_on_the_fly_encoding(tiny_backbone, data):
+    raw = data.test[1]
+    cached = nv.encode_all(tiny_backbone, raw, patches=True, batch_size=3)
+    ref_f, ref_p = _img_ref(tiny_backbone, raw.images)
+    torch.testing.assert_close(cached.feats, ref_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.patches, ref_p, atol=1e-5, rtol=1e-5)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for b_raw, b_fast in zip(raw.batches(2, gen_a), cached.batches(2, gen_b)):  # same shuffles, same batches
+        assert torch.equal(b_raw.labels, b_fast.labels)
+        torch.testing.assert_close(b_raw.feats, b_fast.feats, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b_raw.patches, b_fast.patches, atol=1e-5, rtol=1e-5)
+    assert raw.subset([4, 0]).labels.tolist() == [raw.labels[4].item(), raw.labels[0].item()]
+
+
+def test_truncated_text_equals_full_77_tokens_values_and_gradients(tiny_backbone):
+    full, trunc = TextEncoder(tiny_backbone, NAMES, truncate=False), TextEncoder(tiny_backbone, NAMES, truncate=True)
+    assert full.length == 77 and trunc.length < 30
+    ctx = (torch.randn(full.ctx_shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    grads, outs = [], []
+    for enc in (full, trunc):
+        c = ctx.clone().requires_grad_(True)
+        out = enc.features(c)
+        (out * torch.arange(out.numel()).view_as(out).float().cos()).sum().backward()
+        outs.append(out.detach())
+        grads.append(c.grad)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    scale = float(grads[0].abs().max())
+    assert scale > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_batched_prompts_equal_one_by_one(tiny_backbone):
+    enc = TextEncoder(tiny_backbone, NAMES)
+    ctxs = torch.randn(5, *enc.ctx_shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    batched = enc.features(ctxs)  # (5, C, D) in one call: several clients' / experts' prompts
+    for i in range(5):
+        torch.testing.assert_close(batched[i], enc.features(ctxs[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_never_hit_cache_recomputes():
+    cache = nv.NeverHitCache()
+    cache["a"] = 1
+    assert "a" not in cache and cache.get("a") is None and cache["a"] == 1
+
+
+def _runtime(backbone, text, naive):
+    kw = dict(backbone=backbone, text=text, num_clients=4, seed=0, local_epochs=1, batch_size=2, rounds=3)
+    return Runtime(cache=nv.NeverHitCache(), eval_batch_size=2, **kw) if naive else Runtime(**kw)
+
+
+def _run(backbone, data, name, naive, rounds=3):
+    """``rounds`` rounds of ``name``; naive: raw images, 77 tokens, no runtime cache, per-test-batch re-encoding."""
+    text = TextEncoder(backbone, data.classnames, truncate=not naive)
+    if naive:
+        clients = [ClientData(tr, te) for tr, te in zip(data.train, data.test)]
+    else:
+        clients = [ClientData(nv.encode_all(backbone, tr, True), nv.encode_all(backbone, te, True))
+                   for tr, te in zip(data.train, data.test)]
+    cls = nv.naive_algorithm(get_algorithm(name)) if naive else get_algorithm(name)
+    algo = cls(_runtime(backbone, text, naive), nv.algorithm_params(name, 2))
+    sim = Simulator(algo, clients, rounds=rounds, progress=False)
+    return algo, sim, sim.run()
+
+
+ALGOS = [a for a in ["promptfl", "pfedmoap", "fedotp", "zeroshot", "local", "fedprox", "fedpgp", "promptfolio"]
+         if a in list_algorithms()]
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_whole_run_naive_equals_optimized(tiny_backbone, data, name):
+    """Same metrics every round and the same final per-client state: cached features, truncation, per-round expert
+    features and evaluation without re-encoding change nothing beyond float rounding."""
+    _, fsim, fres = _run(tiny_backbone, data, name, naive=False)
+    _, nsim, nres = _run(tiny_backbone, data, name, naive=True)
+    for fr, nr in zip(fres.rounds, nres.rounds):
+        assert fr["acc_mean"] == nr["acc_mean"]
+        assert fr["test_loss"] == pytest.approx(nr["test_loss"], abs=1e-4)
+        if fr["train_loss"] == fr["train_loss"]:  # not NaN (zero-shot does not train)
+            assert fr["train_loss"] == pytest.approx(nr["train_loss"], abs=1e-4)
+    for cid, st in fsim.states.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                torch.testing.assert_close(v, nsim.states[cid][k], atol=1e-5, rtol=1e-4)
+
+
+def test_pfedmoap_expert_features_cached_per_round_equal_reencoding(tiny_backbone, data):
+    """Expert text features served from Runtime.cache equal a fresh per-expert encoding (explicit loop)."""
+    if "pfedmoap" not in list_algorithms():
+        pytest.skip("pfedmoap not registered yet")
+    algo, sim, _ = _run(tiny_backbone, data, "pfedmoap", naive=False, rounds=2)
+    payload = algo.eval_payload(0)
+    assert len(payload["expert_ids"]) == 2
+    cached = algo.expert_features(payload)
+    assert any(isinstance(k, tuple) and len(k) > 1 for k in algo.rt.cache)  # the cache was used
+    again = algo.expert_features(payload)
+    assert torch.equal(cached, again)
+    full = TextEncoder(tiny_backbone, data.classnames, truncate=False)
+    for j, p in enumerate(payload["experts"]):
+        ref = F.normalize(full.features(p.float()), dim=-1)
+        torch.testing.assert_close(cached[j], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [a for a in ("promptfl", "pfedmoap", "fedotp") if a in list_algorithms()])
+def test_scorer_equals_per_batch_reencoding(tiny_backbone, data, name):
+    """CoOpModel.scorer (text once per evaluation) == forward per test batch of 2 (text re-encoded every batch)."""
+    algo, sim, _ = _run(tiny_backbone, data, name, naive=False, rounds=2)
+    model = algo.build_model(algo.eval_payload(1), sim.states[1], train=False)
+    model.prepare()
+    test = sim.clients[1].test
+    with torch.no_grad():
+        fast = model.scorer()(next(test.chunks(len(test))))
+        slow = torch.cat([model(b) for b in test.chunks(2)])
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_within_tolerance_and_fp32_params(tiny_backbone):
+    """bf16 autocast around the frozen text tower: features within 5e-2 relative, gradients reach an fp32 ctx."""
+    enc = TextEncoder(tiny_backbone, NAMES)
+    ctx = (torch.randn(enc.ctx_shape, generator=torch.Generator().manual_seed(2)) * 0.02).requires_grad_(True)
+    ref = F.normalize(enc.features(ctx), dim=-1).detach()
+    enc.autocast_dtype = torch.bfloat16
+    try:
+        out = F.normalize(enc.features(ctx).float(), dim=-1)
+        out.sum().backward()
+    finally:
+        enc.autocast_dtype = None
+    assert ctx.dtype == torch.float32 and ctx.grad is not None and ctx.grad.dtype == torch.float32
+    assert float((out - ref).norm(dim=-1).max()) < 5e-2
+    assert torch.equal(F.normalize(enc.features(ctx), dim=-1).detach(), ref)  # off again: exact fp32 path
+
+
+def test_perf_cli_small_run_reports_equal_logits(tmp_path):
+    from benchmark_suite.cli import main
+
+    out = tmp_path / "perf.json"
+    algos = ",".join(a for a in ("zeroshot", "promptfl", "pfedmoap") if a in list_algorithms())
+    rc = main(["perf", "--scale", "tiny", "--classes", "4", "--clients", "3", "--shots", "2", "--test", "3",
+               "--batch", "2", "--experts", "2", "--rounds", "2", "--algorithms", algos, "--threads", "1",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rows = {r["algorithm"]: r for r in res["algorithms"]}
+    assert set(rows) == set(algos.split(","))
+    for name, r in rows.items():
+        assert "error" not in r, r
+        assert r["speedup_steady"] > 0 and r["peak_rss_mb"] > 0 and r["acc_equal"]
+        if name != "zeroshot":
+            assert r["max_abs_dlogit"] <= 1e-4
+    assert res["text"]["fast"]["seq_len"] < res["text"]["naive"]["seq_len"] == 77
+    assert res["text"]["attention"]["uses_sdpa"]
+
+
+def test_perf_bad_input_names_the_option():
+    from benchmark_suite import perf
+
+    p = argparse.ArgumentParser()
+    perf.add_arguments(p)
+    with pytest.raises(ValueError, match="--modes"):
+        perf.Bench(p.parse_args(["--modes", "naive"]))
+    with pytest.raises(ValueError, match="--classes"):
+        nv.synthetic_data(None, 0, 1, 1, 1)
+    assert copy.deepcopy(nv.client_classes(10, 4)) == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    assert nv.client_classes(2, 3) == [[0], [1], [0]]
