@@ -76,8 +76,6 @@ def collect_from_mlflow(tracker: Any, cells: Sequence[Any]) -> Tuple[List[CellRe
 
 
 def _record_from_run(tracker: Any, run: Any) -> CellRecord:
-    from mlflow.artifacts import download_artifacts
-
     from fedml_pfedmoap.tracking import read_client_acc_csv
 
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
@@ -88,8 +86,7 @@ def _record_from_run(tracker: Any, run: Any) -> CellRecord:
     client_acc: List[float] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = download_artifacts(run_id=rid, artifact_path="client_acc.csv", dst_path=tmp,
-                                      tracking_uri=tracker.uri)
+            path = tracker.download_artifact(rid, "client_acc.csv", tmp)
             per_round = read_client_acc_csv(path)
             client_acc = per_round[max(per_round)] if per_round else []
     except Exception as err:  # noqa: BLE001 - a missing artifact only drops one plot

@@ -16,7 +16,7 @@ from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Runtime
 from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_pretrained
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
 from .data.transforms import test_transform, train_transform
@@ -59,7 +59,8 @@ class Resources:
         key = (m.model, m.pretrained, m.force_quick_gelu, str(device), m.precision)
         if key not in self.backbones:
             torch.manual_seed(0)  # random-init models (tests, perf) are then identical across processes
-            self.backbones[key] = load_clip(m.model, m.pretrained, device=device, force_quick_gelu=m.force_quick_gelu)
+            self.backbones[key] = load_clip(m.model, resolve_pretrained(m.pretrained), device=device,
+                                            force_quick_gelu=m.force_quick_gelu)
             self.backbones[key].autocast_dtype = precision_dtype(cfg)
         return self.backbones[key]
 

@@ -183,8 +183,25 @@ class MlflowLogger:
         ts = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in _finite(summary).items()])
 
+    @contextlib.contextmanager
+    def _artifact_uri(self):
+        """``mlflow-artifacts:/`` (a server's proxied store) resolves against the *global* tracking URI even for a
+        client with its own URI, so point the global one at ours for the duration of an artifact call."""
+        try:
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+        except ImportError:  # pragma: no cover - other MLflow versions
+            yield
+            return
+        with _use_tracking_uri(self.uri):
+            yield
+
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        with self._artifact_uri():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
+        with self._artifact_uri():
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
     def end_cell(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

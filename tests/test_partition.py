@@ -299,3 +299,66 @@ def test_partition_command_writes_png(tmp_path, capsys):
     assert "client 4 |" in out and "partition " in out
     files = list((tmp_path / "cache" / "partitions" / "test_partition_synthetic").glob("pathological-*.json"))
     assert len(files) == 1 and files[0].stem.split("-")[1] in out
+
+
+# -------------------------------------------------------------------------------------------------------- configs
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# PFEDMOAP.md §11 (paper Table 5): clients, clients per round, rounds, shots, partition, backbone
+FEW_SHOT = (10, 10, 10, 16, "pathological", "RN50")
+PAPER = {"caltech101": FEW_SHOT, "oxford_flowers": FEW_SHOT, "oxford_pets": FEW_SHOT, "food101": FEW_SHOT,
+         "dtd": FEW_SHOT, "cifar10": (100, 10, 120, None, "dirichlet", "RN50"),
+         "cifar100": (100, 10, 120, None, "dirichlet", "RN50"),
+         "domainnet": (30, 7, 25, None, "domain_dirichlet", "ViT-B-16"),
+         "office_caltech10": (20, 10, 25, None, "domain_dirichlet", "ViT-B-16")}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_dataset_configs_hold_the_paper_setting(name):
+    from fedml_pfedmoap.config import load_config
+    from fedml_pfedmoap.data.base import DATASETS
+    from fedml_pfedmoap.data.partition import PARTITIONERS
+    import fedml_pfedmoap.data.loaders  # noqa: F401
+
+    cfg = load_config(CONFIGS / "datasets" / f"{name}.yaml")
+    d, t = cfg.data_args, cfg.train_args
+    got = (t.client_num_in_total, t.client_num_per_round, t.comm_round, d.shots, d.partition_method,
+           cfg.model_args.model.replace("-quickgelu", ""))
+    assert got == PAPER[name] and d.dataset == name and name in DATASETS and d.partition_method in PARTITIONERS
+    alpha = {"dirichlet": 0.5, "domain_dirichlet": 0.3}.get(d.partition_method)
+    assert alpha is None or d.partition_alpha == alpha
+
+
+def test_benchmark_grids_expand_with_paper_split_labels():
+    import yaml
+
+    from benchmark_suite.grid import expand_grid
+    from fedml_pfedmoap.config import load_config
+
+    paper = yaml.safe_load((CONFIGS.parent / "benchmark_suite" / "paper_results.yaml").read_text())
+    want = {1: ["oxford_flowers", "oxford_pets", "food101", "caltech101", "dtd"], 2: ["cifar10", "cifar100"],
+            3: ["domainnet"], 4: ["office_caltech10"]}
+    for k, datasets in want.items():
+        cells = expand_grid(load_config(CONFIGS / "benchmarks" / f"paper_table{k}.yaml"))
+        assert sorted({c.dataset for c in cells}) == sorted(datasets)
+        assert {c.seed for c in cells} == {0, 1, 2}
+        for c in cells:
+            assert c.split in paper[c.dataset], (k, c.dataset, c.split)
+            fed = PAPER[c.dataset]
+            assert (c.cfg.train_args.client_num_in_total, c.cfg.train_args.comm_round) == (fed[0], fed[2])
+
+
+def test_partition_command_on_a_dataset_config_with_fake_data(tmp_path, capsys):
+    """configs/datasets/domainnet.yaml + a fake FedBN tree -> 30 domain-major clients, file and PNG."""
+    from benchmark_suite.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures_data as F
+
+    F.make_fedbn(tmp_path / "data", "domainnet")
+    png = tmp_path / "dn.png"
+    rc = main(["partition", "--config", str(CONFIGS / "datasets" / "domainnet.yaml"), "--png", str(png),
+               "--set", f"data_args.data_root={tmp_path / 'data'}", "--set", f"common_args.cache_dir={tmp_path / 'c'}"])
+    assert rc == 0 and png.is_file()
+    out = capsys.readouterr().out
+    assert "client 29 |" in out and "domainnet, domain_dirichlet, 30 clients" in out
+    assert len(list((tmp_path / "c" / "partitions" / "domainnet").glob("domain_dirichlet-*.json"))) == 1

@@ -82,7 +82,7 @@ def _runtime(backbone, text, naive):
     return Runtime(cache=nv.NeverHitCache(), eval_batch_size=2, **kw) if naive else Runtime(**kw)
 
 
-def _run(backbone, data, name, naive, rounds=3):
+def _run(backbone, data, name, naive, rounds=2):
     """``rounds`` rounds of ``name``; naive: raw images, 77 tokens, no runtime cache, per-test-batch re-encoding."""
     text = TextEncoder(backbone, data.classnames, truncate=not naive)
     if naive:

@@ -13,8 +13,8 @@ with ``on_nonfinite: raise``, stop the run with an error naming the client, roun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch

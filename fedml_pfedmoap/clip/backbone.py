@@ -8,6 +8,7 @@ or ``{"state_dict": ...}``). The model is frozen and kept in eval mode (PFEDMOAP
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -47,6 +48,22 @@ def with_autocast(fn):
     return wrapper
 
 
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 prefix of a checkpoint file's bytes (memoized per path, size and mtime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _digest(str(p), st.st_size, st.st_mtime_ns)
+
+
 def list_models() -> list[str]:
     return list(_open_clip().list_models())
 
@@ -81,11 +98,10 @@ class ClipBackbone(nn.Module):
 
     @property
     def identity(self) -> str:
-        """What identifies the image tower's outputs: name plus the checkpoint (tag, or path + size + mtime)."""
+        """What identifies the image tower's outputs: name plus the checkpoint (tag, or a content hash of the file)."""
         pre = self.pretrained
         if pre and Path(pre).is_file():
-            st = Path(pre).stat()
-            pre = f"{Path(pre).resolve()}:{st.st_size}:{int(st.st_mtime)}"
+            pre = "sha256:" + file_digest(pre)  # content, not path/mtime: a fresh checkout reuses feature caches
         if not pre:
             # random init: identify by a checksum of the visual weights (deterministic only for a seeded init)
             with torch.no_grad():

@@ -56,8 +56,8 @@ def class_groups(order: Sequence[int], num_clients: int, remainder: str = "last"
     """Split a shuffled class list into client groups (DATA.md §3.1).
 
     ``remainder: last`` (the paper's rule): cpu = round(C/N) classes per client and the last client takes positions
-    [(N-1)·cpu, C); a configuration whose last client would get nothing is rejected. ``remainder: spread``: every client
-    gets floor(C/N) and the first C mod N clients one more. ``rounding``: ``half_up`` or ``half_even`` (Python's
+    [(N-1)·cpu, C); a configuration whose last client would get nothing is rejected. ``remainder: spread``: every
+    client gets floor(C/N) and the first C mod N clients one more. ``rounding``: ``half_up`` or ``half_even`` (Python's
     ``round``, the reference's legacy rule).
     """
     c, n = len(order), int(num_clients)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, Tuple
 
-import torch
 from torchvision import transforms as T
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..base import DATASETS, FileSplit, ImageDataset
-from .common import LayoutAbsent, Probe, check_files, classnames_from_pairs, folder_candidates, load_with_layouts
+from .common import Probe, check_files, classnames_from_pairs, folder_candidates, load_with_layouts
 
 
 @dataclass(frozen=True)
@@ -137,4 +137,4 @@ def _builder(spec: CoopSpec):
 for _spec in SPECS.values():
     DATASETS.register(_spec.name)(_builder(_spec))
 
-__all__ = ["SPECS", "CoopSpec", "read_coop", "LayoutAbsent"]
+__all__ = ["SPECS", "CoopSpec", "read_coop"]

@@ -156,9 +156,8 @@ def _builder(spec: DomainSpec):
               image_root: Optional[str] = None, split_dir: Optional[str] = None, split_seed: int = 0,
               legacy_domain_label_bugs: bool = False, legacy_label_seed: int = 0) -> ImageDataset:
         opts = {"pickle_dir": pickle_dir, "image_root": image_root, "split_dir": split_dir, "split_seed": split_seed}
-        ds = load_with_layouts(spec.name, root, layout,
-                               {"fedbn": lambda p: read_fedbn(spec, p), "imagefolder": lambda p: read_imagefolder(spec, p)},
-                               {k: spec.expected(k) for k in ("fedbn", "imagefolder")}, opts)
+        readers = {"fedbn": lambda p: read_fedbn(spec, p), "imagefolder": lambda p: read_imagefolder(spec, p)}
+        ds = load_with_layouts(spec.name, root, layout, readers, {k: spec.expected(k) for k in readers}, opts)
         if legacy_domain_label_bugs:
             logger.warning("%s: legacy_domain_label_bugs scrambles the class-name order (reference defect D10); "
                            "results are only comparable with the paper's invalid tables", spec.name)

@@ -1,0 +1,162 @@
+"""MLflow tracking: nested runs per cell under a parent, params, tags, per-round metrics and artifacts, with a sqlite
+store and with a real ``mlflow server`` over HTTP; URI precedence and an active parent run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bench_helpers import child_runs, cli, history, write_grid
+
+ROUND_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "test_loss", "bytes_up", "bytes_down",
+              "round_time_s", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _check_grid_runs(uri, rounds, algorithms, partition_dir=None):
+    """The nested-run layout, params, tags and metric histories every tracked grid must have."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parents, children = child_runs(uri, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["algorithm"] for r in children) == sorted(algorithms)
+    hashes = set()
+    for run in children:
+        tags, params, rid = run.data.tags, run.data.params, run.info.run_id
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id and run.info.status == "FINISHED"
+        assert tags["dataset"] == "digits" and tags["split"] == "pathological" and tags["seed"] == "0"
+        assert len(tags["git_commit"]) >= 7 and tags["fedml_pfedmoap_version"]
+        hashes.add(tags["partition_hash"])
+        assert params["train_args.comm_round"] == str(rounds) and params["data_args.shots"] == "8"
+        assert params["common_args.random_seed"] == "0" and params["partition_hash"] == tags["partition_hash"]
+        assert params["train_args.federated_optimizer"] == tags["algorithm"]
+        accs = history(client, rid, "acc_mean")
+        assert [s for s, _ in accs] == list(range(rounds))  # one point per round, no duplicates
+        for key in ROUND_KEYS:
+            assert [s for s, _ in history(client, rid, key)] == list(range(rounds)), key
+        vals = [v for _, v in accs]
+        last5 = vals[-5:]
+        m = run.data.metrics
+        assert m["acc_last"] == vals[-1] and m["acc_best"] == max(vals)
+        assert m["acc_last5"] == pytest.approx(sum(last5) / len(last5), abs=1e-12)
+        arts = {a.path for a in client.list_artifacts(rid)}
+        assert {"config.yaml", "client_acc.csv"} <= arts and any(a.startswith("partition-") for a in arts)
+    assert len(hashes) == 1  # one partition shared by every algorithm
+    if partition_dir is not None:
+        files = list(Path(partition_dir).rglob("*.json"))
+        assert len(files) == 1 and hashes.pop() in files[0].name
+    return client, children
+
+
+def test_sqlite_store_nested_runs_params_metrics_artifacts(tmp_path, cache):
+    grid = write_grid(tmp_path, cache)
+    rc, out, err = cli("run", "--config", str(grid), "--no-progress")
+    assert rc == 0, err
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, children = _check_grid_runs(uri, 3, ["zeroshot", "local", "promptfl"], cache / "partitions")
+    by_algo = {r.data.tags["algorithm"]: r for r in children}
+    # communication: PromptFL sends and receives the n_ctx × width prompt (fp32); local CoOp sends nothing
+    width = json.loads((Path(__file__).parent.parent / "fedml_pfedmoap" / "model_configs" / "tiny-clip.json")
+                       .read_text())["text_cfg"]["width"]
+    assert history(client, by_algo["promptfl"].info.run_id, "bytes_up")[0][1] == 4 * width * 4
+    assert history(client, by_algo["local"].info.run_id, "bytes_up")[0][1] == 0.0
+    assert "train_loss" not in by_algo["zeroshot"].data.metrics  # NaN (no training) is not logged
+    assert len(history(client, by_algo["local"].info.run_id, "train_loss")) == 3
+    # the resolved YAML artifact round-trips to the cell's config
+    import yaml
+
+    from mlflow.artifacts import download_artifacts
+
+    p = download_artifacts(run_id=by_algo["local"].info.run_id, artifact_path="config.yaml",
+                           dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    resolved = yaml.safe_load(open(p))
+    assert resolved["train_args"]["federated_optimizer"] == "local" and resolved["data_args"]["shots"] == 8
+
+
+def test_tracking_uri_precedence_and_active_parent(tmp_path, monkeypatch):
+    from fedml_pfedmoap.tracking import MlflowLogger, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
+    assert resolve_tracking_uri(None) is None and resolve_tracking_uri("null") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri("sqlite:///a.db") == "http://127.0.0.1:5999"  # env beats the YAML value
+    assert resolve_tracking_uri("sqlite:///b.db", explicit=True) == "sqlite:///b.db"  # --set beats env
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger = MlflowLogger(uri, "exp")
+    with _use_tracking_uri(uri), mlflow.start_run(experiment_id=logger.experiment_id) as outer:  # a sweep's parent
+        assert logger.start_parent("ignored") == outer.info.run_id
+        rid = logger.start_cell("c", {"a": 1}, {"cell_hash": "h"})
+        logger.log_round(rid, {"round": 0, "acc_mean": 0.5, "train_loss": float("nan")}, 0)
+        logger.end_cell(rid)
+        logger.end_parent()  # not ours: left running
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    run = logger.client.get_run(rid)
+    assert run.data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert run.data.metrics == {"acc_mean": 0.5} and run.data.params == {"a": "1"}
+    assert logger.client.get_run(outer.info.run_id).info.status == "FINISHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise TimeoutError(f"mlflow server not healthy after {timeout:.0f} s")
+
+
+def test_real_mlflow_server_over_http(tmp_path, cache, monkeypatch):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+           "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, proc, timeout=90)
+        grid = write_grid(tmp_path, cache, uri=uri, train_args={"comm_round": 2})
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        rc, out, err = cli("run", "--config", str(grid), "--no-progress", "--only", "algo=zeroshot,promptfl")
+        assert rc == 0, err
+        client, children = _check_grid_runs(uri, 2, ["zeroshot", "promptfl"])
+        assert (tmp_path / "srv.db").exists() and not (tmp_path / "mlflow.db").exists()
+        assert any((tmp_path / "srv-artifacts").rglob("client_acc.csv"))  # uploaded through the server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: gunicorn workers included
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        proc.stderr.close()
