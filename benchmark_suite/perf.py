@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast around the frozen towers, fp32 trainable parameters (optimized path)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the text transformer (optimized path)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here")
@@ -269,6 +270,8 @@ class Bench:
         self.text_fast = TextEncoder(self.backbone, self.data.classnames, truncate=True).to(self.device)
         self.text_naive = TextEncoder(self.backbone, self.data.classnames, truncate=False).to(self.device)
         set_precision(self, args.precision)
+        if args.compile:
+            self.text_fast.compile_transformer()
 
         def extract():
             return ([nv.encode_all(self.backbone, s, self.patches) for s in self.data.train],

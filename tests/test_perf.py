@@ -195,3 +195,29 @@ def test_perf_bad_input_names_the_option():
         nv.synthetic_data(None, 0, 1, 1, 1)
     assert copy.deepcopy(nv.client_classes(10, 4)) == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
     assert nv.client_classes(2, 3) == [[0], [1], [0]]
+
+
+def test_feature_cache_memory_maps_large_files_with_equal_values(tmp_path, tiny_backbone, digits):
+    """Same .npz format; above the size threshold the arrays are memory-mapped, and equal the in-memory load."""
+    import numpy as np
+
+    from fedml_pfedmoap.data.transforms import test_transform as eval_transform
+    from fedml_pfedmoap.federated.features import FeatureCache, mmap_npz
+
+    fn, desc = eval_transform(32)
+    args = (tiny_backbone, digits.fingerprint(), "test", digits.test, fn, desc)
+    first = FeatureCache(tmp_path).load_or_encode(*args, patches=True)
+    plain = FeatureCache(tmp_path, mmap_min_bytes=None)
+    mapped = FeatureCache(tmp_path, mmap_min_bytes=0)
+    a, b = plain.load_or_encode(*args, patches=True), mapped.load_or_encode(*args, patches=True)
+    assert (plain.hits, plain.mapped, mapped.hits, mapped.mapped) == (1, 0, 1, 1)
+    for x, y, z in ((a.feats, b.feats, first.feats), (a.patches, b.patches, first.patches), (a.labels, b.labels,
+                                                                                            first.labels)):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    arrays = mmap_npz(next(tmp_path.glob("*.npz")))
+    assert isinstance(arrays["patches"], np.memmap) and arrays["patches"].shape == tuple(a.patches.shape)
+    sub = b.subset([3, 1])  # indexing a mapped set reads just those rows
+    assert torch.equal(sub.patches, a.patches[[3, 1]])
+    np.savez_compressed(tmp_path / "c.npz", x=np.ones(3))
+    with pytest.raises(ValueError, match="compressed"):
+        mmap_npz(tmp_path / "c.npz")

@@ -10,7 +10,9 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -113,10 +115,12 @@ def encode_split(backbone: ClipBackbone, split: SplitData, transform: Callable, 
 class FeatureCache:
     """Disk cache of frozen image features, one ``.npz`` per (model, dataset, split, transform, patches) key."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, mmap_min_bytes: Optional[int] = 256 * 2**20) -> None:
         self.root = Path(root) if root else None
         self.hits = 0
         self.misses = 0
+        self.mmap_min_bytes = mmap_min_bytes  # files at least this large are memory-mapped (None: never)
+        self.mapped = 0
 
     def load_or_encode(self, backbone: ClipBackbone, dataset_fp: str, split_name: str, split: SplitData,
                        transform: Callable, transform_desc: str, patches: bool = False,
@@ -125,8 +129,12 @@ class FeatureCache:
         path = self.root / f"{key}.npz" if self.root else None
         if path is not None and path.exists():
             try:
-                with np.load(path) as z:
-                    arrays = {k: z[k] for k in z.files}
+                if self.mmap_min_bytes is not None and path.stat().st_size >= self.mmap_min_bytes:
+                    arrays = mmap_npz(path)
+                    self.mapped += 1
+                else:
+                    with np.load(path) as z:
+                        arrays = {k: z[k] for k in z.files}
                 self.hits += 1
                 return _to_featureset(arrays)
             except (OSError, ValueError, KeyError) as err:
@@ -137,6 +145,34 @@ class FeatureCache:
         if path is not None:
             _atomic_save(arrays, path)
         return _to_featureset(arrays)
+
+
+def mmap_npz(path: str | Path) -> dict:
+    """Memory-map every member of an uncompressed ``.npz`` (what ``np.savez`` writes): same file format, no read-in.
+
+    Each member is a stored (uncompressed) ``.npy``; its data starts after the zip local header and the ``.npy``
+    header, so ``np.memmap`` can address it directly. Copy-on-write mode: pages are read on first touch.
+    """
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"{path}: member {info.filename!r} is compressed or not .npy; cannot memory-map")
+            fh.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", fh.read(4))
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if int(np.prod(shape)) == 0:
+                out[info.filename[:-4]] = np.zeros(shape, dtype=dtype)
+                continue
+            if dtype.hasobject:
+                raise ValueError(f"{path}: member {info.filename!r} holds Python objects; cannot memory-map")
+            out[info.filename[:-4]] = np.memmap(fh.name, dtype=dtype, mode="c", offset=fh.tell(), shape=shape,
+                                                order="F" if fortran else "C")
+    return out
 
 
 def _to_featureset(arrays: dict) -> FeatureSet:

@@ -32,7 +32,8 @@ REDIRECTED = {
 }
 TRAINING_TYPES = ("simulation", "cross_silo")
 CROSS_SILO_BACKENDS = ("MPI", "GRPC")
-ALGORITHM_KEY = "pfedmoap_algorithm"
+ALGORITHM_KEY = "pfedmoap_algorithm"  # the registry name (FedML's own ``federated_optimizer`` says FedAvg)
+ROUNDS_KEY = "pfedmoap_comm_round"  # T (FedML's own ``comm_round`` is T + 1 in cross-silo)
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ def split_raw(raw: Dict[str, Any], where: str = "") -> Tuple[Dict[str, Any], Dic
         if sec == "algorithm_args":
             for algo, params in kept.items():
                 suite.setdefault("algorithm_args", {}).setdefault(str(algo).lower(), {}).update(params or {})
-        else:
+        elif kept or not body:  # a section that only held FedML keys is not the suite's
             suite[sec] = kept
     return suite, fedml_keys
 
@@ -109,9 +110,9 @@ def config_from_namespace(ns: Any) -> PluginConfig:
         body = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
         if body:
             raw[sec] = body
-    algo = getattr(ns, ALGORITHM_KEY, None)
-    if algo:
-        raw.setdefault("train_args", {})["federated_optimizer"] = algo
+    for key, field in ((ALGORITHM_KEY, "federated_optimizer"), (ROUNDS_KEY, "comm_round")):
+        if getattr(ns, key, None) is not None:
+            raw.setdefault("train_args", {})[field] = getattr(ns, key)
     raw["algorithm_args"] = {a: dict(getattr(ns, a)) for a in list_algorithms() if isinstance(getattr(ns, a, None), dict)}
     fedml_keys = {k: getattr(ns, k) for k in FEDML_KEYS if hasattr(ns, k)}
     pc = PluginConfig(from_dict(raw, source="<fedml args>"), fedml_keys, None)
@@ -216,7 +217,8 @@ def to_fedml_namespace(pc: PluginConfig, rank: int = 0, role: Optional[str] = No
     ns.rank, ns.run_id, ns.local_rank, ns.node_rank = int(rank), str(run_id), 0, 0
     ns.role = role or ("server" if int(rank) == 0 else "client")
     ns.run_device_id = "0"
-    setattr(ns, ALGORITHM_KEY, pc.algorithm)
+    setattr(ns, ALGORITHM_KEY, cfg.train_args.federated_optimizer)
+    setattr(ns, ROUNDS_KEY, cfg.train_args.comm_round)
     ns.worker_num = worker_num(cfg)
     if not hasattr(ns, "frequency_of_the_test"):
         ns.frequency_of_the_test = 1

@@ -1,0 +1,294 @@
+"""FedML plugin: config mapping, offline guard, state store, watchdog, the adapters' protocol (in process), the
+FedML-simulation path against the in-process simulator, and `fedml federate build` of every launch job file."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedml_helpers import PY, ROOT, Procs, child_env, mlflow_metric, write_config
+
+from fedml_pfedmoap.config import ConfigError
+from fedml_pfedmoap.fedml_plugin.config import (ALGORITHM_KEY, config_from_namespace, load_plugin_config,
+                                                to_fedml_namespace)
+
+
+def deep_equal(a, b, where="state"):
+    """Recursive comparison: tensors allclose (1e-6), everything else ==; the message names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
+        assert torch.allclose(a.float().cpu(), b.float().cpu(), atol=1e-6, rtol=1e-5), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            deep_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            deep_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+def test_cross_silo_translation_and_namespace_roundtrip(tmp_path):
+    cfg = write_config(tmp_path, "cross_silo_mpi.yaml", {"train_args": {"comm_round": 4}})
+    pc = load_plugin_config(cfg)
+    assert pc.algorithm == "pfedmoap" and pc.cfg.algorithm_args["pfedmoap"]["num_experts"] == 10  # from pfedmoap_args
+    ns = to_fedml_namespace(pc, rank=2)
+    assert ns.federated_optimizer == "FedAvg" and getattr(ns, ALGORITHM_KEY) == "pFedMoAP"  # FedML's switch
+    assert ns.comm_round == 5 and ns.worker_num == 3 and ns.role == "client"  # T + 1: the evaluation round
+    assert not ns.enable_tracking and not ns.using_mlops and not ns.enable_wandb
+    assert ns.frequency_of_the_test == 1 and ns.pfedmoap == {"lam": 0.5, "num_experts": 10}
+    ns.yaml_config_file = ""  # rebuild from the flat namespace alone
+    back = config_from_namespace(ns)
+    assert back.cfg.to_dict() == pc.cfg.to_dict()
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"train_args": {"federated_optimizer": "nosuch"}}, "train_args.federated_optimizer"),
+    ({"train_args": {"learning_rate": 0.1}}, "algorithm_args.<algorithm>.lr"),
+    ({"device_args": {"worker_num": 2}}, "device_args.worker_num=2"),
+    ({"comm_args": {"backend": "MQTT_S3"}}, "comm_args.backend"),
+    ({"tracking_args": {"enable_tracking": True}}, "enable_tracking"),
+    ({"comm_args": {"backend": "GRPC", "grpc_ipconfig_path": "nope.csv"}}, "grpc_ipconfig_path"),
+    ({"pfedmoap_args": {"nosuch": 1}}, "nosuch"),
+])
+def test_bad_configs_fail_naming_the_key(tmp_path, patch, message):
+    cfg = write_config(tmp_path, "cross_silo_mpi.yaml", patch)
+    with pytest.raises((ConfigError, ValueError), match=message.replace(".", r"\.").replace("<", ".").replace(">", ".")):
+        load_plugin_config(cfg)
+
+
+def test_grpc_csv_needs_fedml_096_header_and_every_rank(tmp_path):
+    csv = tmp_path / "ip.csv"
+    csv.write_text("receiver_id,ip\n0,127.0.0.1\n")
+    cfg = write_config(tmp_path, "cross_silo_grpc.yaml", {"comm_args": {"grpc_ipconfig_path": str(csv)}})
+    with pytest.raises(ConfigError, match="eid,rank,grpc_server_ip,grpc_server_port"):
+        load_plugin_config(cfg)
+    csv.write_text("eid,rank,grpc_server_ip,grpc_server_port\n0,0,127.0.0.1,1\n1,1,127.0.0.1,2\n")
+    with pytest.raises(ConfigError, match=r"rank\(s\) \[2, 3\]"):
+        load_plugin_config(cfg)
+
+
+# ---- guard, state store, watchdog ---------------------------------------------------------------------------------
+def test_is_loopback():
+    from fedml_pfedmoap.fedml_plugin.guard import is_loopback
+
+    for host in (None, "localhost", "127.0.0.1", "127.5.0.1", "::1", "0.0.0.0", b"localhost", ""):
+        assert is_loopback(host), host
+    for host in ("open.fedml.ai", "8.8.8.8", "10.0.0.1", "example.com", "2001:db8::1"):
+        assert not is_loopback(host), host
+
+
+def test_state_store_roundtrip_weights_only(tmp_path):
+    from fedml_pfedmoap.checkpoint import CheckpointError
+    from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
+
+    store = ClientStateStore(tmp_path, "run-1", lambda i: {"fresh": i})
+    assert store.load(3) == {"fresh": 3}  # first participation
+    state = {"ctx": torch.randn(4, 8), "gate": {"w": torch.randn(2, 2), "b": torch.zeros(2)}, "moe_trained": True,
+             "ids": [1, 2], "n": 7}
+    path = store.save(3, state)
+    raw = torch.load(path, weights_only=True)  # plain tensors and data only
+    assert raw["client_index"] == 3
+    deep_equal(state, store.load(3))
+    with pytest.raises(CheckpointError, match="client state 4"):
+        store.save(4, {"bad": object()})
+    path.rename(store.path(5))
+    with pytest.raises(CheckpointError, match="not a state of client 5"):
+        store.load(5)
+    assert ClientStateStore(tmp_path, "run-2", lambda i: {}).load(3) == {}  # another run never reads it
+
+
+def test_watchdog_names_the_missing_rank():
+    from fedml_pfedmoap.fedml_plugin.watchdog import RoundWatchdog
+
+    fired = []
+    wd = RoundWatchdog(0, round_timeout_s=0.3, on_expire=fired.append, poll_s=0.02)
+    wd.wait_for([1, 2, 3], "round 4: waiting for uploads")
+    wd.heard(1)
+    wd.heard(3)
+    wd.start()
+    time.sleep(1.0)
+    assert len(fired) == 1 and "round 4" in fired[0] and "rank(s) [2]" in fired[0]
+    sticky = RoundWatchdog(2, round_timeout_s=0.4, on_expire=fired.append, poll_s=0.02, sticky=True).start()
+    sticky.wait_for([0], "waiting for the server")
+    for _ in range(5):  # messages from the server keep a worker alive ...
+        time.sleep(0.2)
+        sticky.heard(0)
+    assert len(fired) == 1 and sticky.pending() == {0}
+    sticky.pause()  # ... and so does training
+    time.sleep(0.6)
+    assert len(fired) == 1
+    sticky.stop()
+
+
+# ---- the adapters' protocol, in process ----------------------------------------------------------------------------
+def test_adapters_match_simulator_with_clients_moving_between_workers(tmp_path):
+    """Server + 3 trainer objects driven like FedML would (worker k serves a rotating client): metrics and final states
+    equal the in-process simulator's; the gate persisted by one worker is continued by another."""
+    from fedml_pfedmoap.experiment import Resources, build_experiment
+    from fedml_pfedmoap.federated.simulator import sample_clients
+    from fedml_pfedmoap.fedml_plugin.cross_silo import (PersonalizedClientTrainer, PersonalizedServerAggregator,
+                                                        ProtocolError)
+    from fedml_pfedmoap.fedml_plugin.metrics_log import RoundLogger
+    from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
+
+    cfg_path = write_config(tmp_path, "cross_silo_mpi.yaml", {"train_args": {
+        "comm_round": 3, "client_num_in_total": 4, "client_num_per_round": 3}})
+    pc = load_plugin_config(cfg_path)
+    pc.cfg.tracking_args.mlflow_tracking_uri = None
+    res = Resources()
+    ref = build_experiment(pc.cfg, progress=False, resources=res)
+    ref_result = ref.simulator.run()
+    ns = to_fedml_namespace(pc)
+    srv_exp = build_experiment(pc.cfg, progress=False, resources=res)
+    cli_exp = build_experiment(pc.cfg, progress=False, resources=res)
+    server = PersonalizedServerAggregator(None, ns, srv_exp.algorithm, 4, 3, 3, 0, 1, RoundLogger(pc.cfg, "x"),
+                                          tmp_path / "run", run_tag="t")
+    workers = [PersonalizedClientTrainer(None, ns, cli_exp.algorithm, cli_exp.simulator.clients, tmp_path / "state", k + 1)
+               for k in range(3)]
+    downloads, served = server.get_model_params(), {}
+    assert set(downloads) == {0, 1, 2, 3}  # an entry for every client
+    for r in range(4):  # 3 training rounds + the evaluation round
+        sel = list(server.selection)
+        assert sel == sample_clients(4, 0.75, 0, r)
+        uploads = []
+        for k, w in enumerate(workers):
+            cid = sel[(k + r) % 3]  # rotate: a client moves between workers across rounds
+            served.setdefault(cid, set()).add(k + 1)
+            w.set_model_params(downloads[cid])
+            w.train(None, None, ns)
+            uploads.append((0, w.get_model_params()))
+        downloads = server.aggregate(uploads)
+    assert server.finished and all(d["done"] for d in downloads.values())
+    assert any(len(ranks) > 1 for ranks in served.values())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "cross_silo_rounds.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for t, row in enumerate(rows):
+        evaluated = sorted(int(i) for i in row["eval_clients"])
+        assert evaluated == sample_clients(4, 0.75, 0, t + 1)  # participants of the next round
+        expected = sum(ref_result.client_acc[t][i] for i in evaluated) / len(evaluated)
+        assert row["acc_mean"] == pytest.approx(expected, abs=1e-12)
+        assert row["train_loss"] == pytest.approx(ref_result.rounds[t]["train_loss"], rel=1e-6)
+    assert len({row["clients"][k]["digest"] for k in row["clients"]}) > 1  # personalized downloads in the last round
+    store = ClientStateStore(tmp_path / "state", "t", lambda i: {})
+    assert any("gate" in ref.simulator.states[i] for i in range(4))
+    for i in range(4):
+        deep_equal(ref.simulator.states[i], store.load(i), f"client {i}")
+    # protocol violations are named
+    bad = dict(downloads[0], selected=False, done=False)
+    workers[0].set_model_params(bad)
+    with pytest.raises(ProtocolError, match="did not select"):
+        workers[0].train(None, None, ns)
+
+
+# ---- offline guard with the real fedml.init -------------------------------------------------------------------------
+AUDIT_SCRIPT = r"""
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+from fedml_pfedmoap.fedml_plugin import guard
+guard.install_network_audit(sys.argv[1])
+from fedml_pfedmoap.fedml_plugin.config import load_plugin_config, to_fedml_namespace
+import fedml
+pc = load_plugin_config(sys.argv[2])
+def lines():
+    return len(open(sys.argv[1]).read().splitlines())
+fedml.init(to_fedml_namespace(pc), check_env=False, should_init_logs=False)   # FedML as shipped: phones home
+unguarded = lines()
+guard.neutralize_fedml()
+fedml.init(to_fedml_namespace(pc), check_env=False, should_init_logs=False)
+print(json.dumps({"unguarded": unguarded, "guarded": lines() - unguarded,
+                  "home_files": sorted(os.listdir(os.path.expanduser("~/.fedml")))}))
+"""
+
+
+def test_guard_stops_fedml_phoning_home(tmp_path):
+    """The audit hook sees FedML's ops-server request when unguarded (so it can see one), and none once guarded."""
+    cfg = write_config(tmp_path, "simulation.yaml", {})
+    env = child_env(tmp_path, "unused")
+    out = subprocess.run([PY, "-c", AUDIT_SCRIPT, str(tmp_path / "audit.jsonl"), str(cfg)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["unguarded"] > 0 and got["guarded"] == 0, got
+    assert "global_services" in got["home_files"]  # FedML's files went to the temp HOME
+
+
+# ---- simulation through FedMLRunner(algorithm_flow=...) -------------------------------------------------------------
+def test_fedml_simulation_equals_in_process_run(tmp_path):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    cfg = write_config(tmp_path, "simulation.yaml", {"train_args": {
+        "comm_round": 2, "client_num_in_total": 3, "client_num_per_round": 3}})
+    procs = Procs(tmp_path)
+    try:
+        procs.start("sim", [PY, "-m", "fedml_pfedmoap", "--cf", str(cfg)])
+        rc = procs.wait_all(300)
+    finally:
+        procs.close()
+    assert rc == {"sim": 0}, procs.log("sim")[-3000:]
+    assert (tmp_path / "audit_sim.jsonl").read_text() == ""  # no outbound attempt while the network is "unreachable"
+    pc = load_plugin_config(cfg)
+    pc.cfg.tracking_args.mlflow_tracking_uri = None
+    ref = build_experiment(pc.cfg, progress=False).simulator.run()
+    fedml_acc = mlflow_metric(tmp_path, "acc_mean")
+    assert fedml_acc == {t: r["acc_mean"] for t, r in enumerate(ref.rounds)}
+    loss = mlflow_metric(tmp_path, "test_loss")
+    assert loss == pytest.approx({t: r["test_loss"] for t, r in enumerate(ref.rounds)}, rel=1e-6)
+    assert (tmp_path / "home" / ".fedml").exists() is False  # FedML's home is under the config's output dir
+    assert (tmp_path / "out" / "fedml" / "home" / ".fedml").is_dir()
+
+
+# ---- fedml federate build -----------------------------------------------------------------------------------------
+BUILD_SCRIPT = r"""
+import sys, warnings
+warnings.simplefilter("ignore")
+from fedml_pfedmoap.fedml_plugin import guard
+guard.install_network_audit(sys.argv[1])
+from fedml.cli.cli import cli
+for job in sys.argv[3:]:
+    cli.main(["federate", "build", job, "-d", f"{sys.argv[2]}/{job.split('/')[-1][:-5]}"], standalone_mode=False)
+"""
+
+
+def test_fedml_federate_build_every_launch_file(tmp_path):
+    """`fedml federate build` (offline) on a copy of the workspace: both packages, holding the plugin and the config."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    repo = tmp_path / "repo"
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("results/", "data/")):
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    jobs = sorted(f"configs/launch/{p.name}" for p in (ROOT / "configs" / "launch").glob("*.yaml"))
+    assert len(jobs) >= 9
+    env = child_env(tmp_path, "build")
+    out = subprocess.run([PY, "-c", BUILD_SCRIPT, str(tmp_path / "audit.jsonl"), str(tmp_path / "pkg"), *jobs],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert (tmp_path / "audit.jsonl").read_text() == ""
+    for job in jobs:
+        spec = yaml.safe_load((ROOT / job).read_text())
+        assert spec["job_type"] == "federate" and spec["job_subtype"] == "cross_silo"
+        assert "minimum_num_gpus" in spec["computing"] and spec["workspace"] and spec["bootstrap"]
+        cfg = spec["server_job"].split("--cf ")[1].split()[0]
+        load_plugin_config(ROOT / cfg)  # the config the job runs is valid
+        name = Path(job).stem
+        for kind, entry in (("client", spec["job"]), ("server", spec["server_job"])):
+            with zipfile.ZipFile(tmp_path / "pkg" / name / f"{kind}-package.zip") as z:
+                names = z.namelist()
+                assert f"{kind}-package/fedml/fedml_pfedmoap/__main__.py" in names
+                assert f"{kind}-package/fedml/{cfg}" in names
+                script = "fedml_job_entry_pack.sh" if kind == "client" else "fedml_server_job_entry_pack.sh"
+                assert entry.strip() in z.read(f"{kind}-package/fedml/{script}").decode()
