@@ -54,7 +54,7 @@ from fedml_pfedmoap.experiment import Resources, build_experiment
 out, res, rows = sys.argv[1], Resources(), []
 for precision in ("fp32", "bf16"):
     cfg = load_config("configs/quickstart.yaml", [
-        f"model_args.model={os.environ['E2E_MODEL']}", f"model_args.precision={precision}",
+        f"model_args.model={os.environ['E2E_MODEL']}", "model_args.pretrained=null", f"model_args.precision={precision}",
         f"device_args.device={os.environ['DEVICE']}",
         "common_args.cache_dir=/tmp/pfedmoap_cache", "tracking_args.mlflow_tracking_uri=null",
         "train_args.comm_round=2", "train_args.epochs=1", "train_args.batch_size=16"])

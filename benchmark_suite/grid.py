@@ -236,6 +236,10 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     except (TypeError, ValueError) as err:
         raise GridError(f"algorithm_args.{algo} (cell {dataset}/{algo}): {err}") from None
     cell = Cell(dataset.lower(), split_label(split, cfg.data_args), override_label(ov), seed, algo, cfg)
+    # the resolved config describes this cell alone (its split and override are already applied), so the logged
+    # config.yaml re-runs exactly this cell
+    b = cfg.benchmark_args
+    b.datasets, b.splits, b.algorithms, b.seeds, b.overrides = [cell.dataset], [], [algo], [seed], []
     cell.hash = cell_hash(cfg, algo)
     return cell
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
@@ -118,6 +118,7 @@ class GridRunner:
         records: Dict[str, Any] = {}
         if not pending:
             return records
+        self.preflight(pending)
         if self.tracker is not None:
             self.tracker.start_parent(run_name, tags=parent_tags)
         total = sum(c.cfg.train_args.comm_round for c in pending)
@@ -135,6 +136,19 @@ class GridRunner:
             if self.tracker is not None:
                 self.tracker.end_parent(status)
         return records
+
+    def preflight(self, cells: Sequence[Any]) -> None:
+        """Load every distinct model, dataset and partition once before any run (memoized in ``Resources``), so a
+        missing checkpoint, data folder or impossible split fails before anything is trained or logged."""
+        from fedml_pfedmoap.experiment import build_experiment
+
+        seen = set()
+        for c in cells:
+            m = c.cfg.model_args
+            key = (c.partition_key, c.cfg.data_args.partition_method, m.model, m.pretrained)
+            if key not in seen:
+                seen.add(key)
+                build_experiment(c.cfg, c.algorithm, c.seed, self.resources, progress=False)
 
     def run_cell(self, cell: Any, bar: Any, position: str) -> Any:
         from fedml_pfedmoap.checkpoint import restore, snapshot

@@ -67,6 +67,7 @@ class TrainArgs:
     batch_size: int = 32
     eval_every: int = 1
     eval_batch_size: int = 2048
+    batch_eval_text: bool = False  # opt-in: all clients' evaluation prompts encoded in batched text-tower calls
 
 
 @dataclass

@@ -145,7 +145,8 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
             res.features[text_key].compile_transformer()
     rt = Runtime(backbone=backbone, text=res.features[text_key], num_clients=t.client_num_in_total, seed=seed,
                  local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
-                 eval_batch_size=t.eval_batch_size, rounds=t.comm_round)
+                 eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
+                 batch_eval_text=t.batch_eval_text)
     algo = algo_cls(rt, params)
     clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
                for i in range(t.client_num_in_total)]

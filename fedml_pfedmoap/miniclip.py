@@ -39,14 +39,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .clip.backbone import CONFIG_DIR, ClipBackbone, _open_clip
-from .data.base import ImageDataset, SplitData, build_dataset
+from .config import ASSET_DIR, PACKAGE_PREFIX
+from .data.base import ArraySplit, ImageDataset, SplitData, build_dataset
 from .data.embedded import ANIMAL_NAMES, DIGIT_NAMES
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "mini-clip"
 ASSET_NAME = "mini-clip.safetensors"
-ASSET_DIR = Path(__file__).resolve().parent / "assets"
+PACKAGED = PACKAGE_PREFIX + ASSET_NAME  # the value of ``model_args.pretrained`` that selects the committed checkpoint
 COMMON_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.",
                     "a black and white photo of a {}.", "a low resolution photo of a {}.", "a {}.",
                     "a sketch of a {}."]
@@ -55,14 +56,19 @@ DIGIT_TEMPLATES = COMMON_TEMPLATES + ["a handwritten {}.", "the number {}.", "a 
 ANIMAL_TEMPLATES = COMMON_TEMPLATES + ["a silhouette of a {}.", "the shape of a {}.", "a photo of the animal {}.",
                                        "a black silhouette of a {}."]
 
+# generic words for random caption prefixes (no class names among them)
+FILLER_WORDS = ["this", "is", "here", "we", "see", "look", "at", "a", "the", "small", "large", "clear", "simple",
+                "nice", "good", "old", "new", "my", "your", "some", "very", "little", "big", "dark", "bright",
+                "picture", "photo", "image", "and", "with", "in", "on", "there", "it", "shows", "centered"]
+
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that determines the checkpoint; ``hash()`` keys the cache."""
 
     seed: int = 0
-    steps: int = 600
-    batch_size: int = 256
+    steps: int = 800
+    batch_size: int = 128
     animal_fraction: float = 0.5  # share of each batch drawn from the silhouettes (the rest from MNIST)
     lr: float = 2e-3
     warmup: int = 40
@@ -70,12 +76,14 @@ class Recipe:
     max_scale: float = 100.0  # clamp of exp(logit_scale), as in CLIP
     affine_prob: float = 0.8
     lowres_prob: float = 0.5
+    filler_prob: float = 0.5  # share of captions with a random prefix of filler words
+    max_filler: int = 18
     version: int = 1  # bump when the code's training semantics change
 
     def hash(self) -> str:
         model_cfg = (CONFIG_DIR / f"{MODEL_NAME}.json").read_text()
         blob = json.dumps({"recipe": dataclasses.asdict(self), "model": json.loads(model_cfg),
-                           "templates": [DIGIT_TEMPLATES, ANIMAL_TEMPLATES]}, sort_keys=True)
+                           "words": [DIGIT_TEMPLATES, ANIMAL_TEMPLATES, FILLER_WORDS]}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,11 +118,15 @@ def downstream_sets() -> Tuple[ImageDataset, ImageDataset]:
     return build_dataset("digits"), build_dataset("animal_shapes", part="heldout")
 
 
-def load_pretraining_data(size: int = 32) -> PretrainData:
+def load_pretraining_data(size: int = 32, limit: Optional[int] = None) -> PretrainData:
+    """The pretraining pools; ``limit`` keeps only the first items of each (fast tests)."""
     mnist, animals = pretraining_sets()
-    return PretrainData(digits=(split_to_tensor(mnist.train, size), torch.from_numpy(mnist.train.labels)),
-                        animals=(split_to_tensor(animals.train, size),
-                                 torch.from_numpy(animals.train.labels) + len(DIGIT_NAMES)))
+    pools = []
+    for split, offset in ((mnist.train, 0), (animals.train, len(DIGIT_NAMES))):
+        keep = slice(0, limit)
+        images = split_to_tensor(ArraySplit(split.images[keep], split.labels[keep]), size)
+        pools.append((images, torch.from_numpy(split.labels[keep]) + offset))
+    return PretrainData(digits=pools[0], animals=pools[1])
 
 
 # ---- augmentation -------------------------------------------------------------------------------------------------
@@ -147,9 +159,44 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
-def caption_tokens(tokenizer: Callable, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(T, C, 77) token ids: every template filled with every class name."""
-    return torch.stack([tokenizer([t.format(n) for n in names]) for t in templates])
+class Captioner:
+    """Samples one caption per class per step: a random template, optionally after a random prefix of filler words
+    (so the text tower sees class names at positions up to ~30 and arbitrary context before them, as CoOp prompts
+    put them). ``vocab`` lists every token id a caption can contain (the rows of the token embedding that train)."""
+
+    def __init__(self, tokenizer: Callable, recipe: Recipe) -> None:
+        self.tok, self.recipe = tokenizer, recipe
+        self.groups = [(DIGIT_NAMES, DIGIT_TEMPLATES), (ANIMAL_NAMES, ANIMAL_TEMPLATES)]
+        every = [t.format(n) for names, tpls in self.groups for t in tpls for n in names] + FILLER_WORDS
+        self.vocab = torch.unique(tokenizer(every))
+
+    def sample(self, gen: torch.Generator) -> torch.Tensor:
+        """(C, L) token ids for the C = 20 classes (digits, then animals), truncated after the longest EOT."""
+        r, texts = self.recipe, []
+        for names, templates in self.groups:
+            for name in names:
+                tpl = templates[int(torch.randint(len(templates), (1,), generator=gen))]
+                k = int(torch.randint(1, r.max_filler + 1, (1,), generator=gen))
+                if float(torch.rand(1, generator=gen)) >= r.filler_prob:
+                    k = 0
+                words = [FILLER_WORDS[int(i)] for i in torch.randint(len(FILLER_WORDS), (k,), generator=gen)]
+                texts.append(" ".join(words + [tpl.format(name)]))
+        tokens = self.tok(texts)
+        return tokens[:, :int(tokens.argmax(-1).max()) + 1]
+
+
+def encode_captions(model: torch.nn.Module, embed: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` on token ids truncated after the last EOT (exact under the causal mask), with the
+    token embedding looked up in ``embed`` (rows indexed by token id)."""
+    length = tokens.shape[1]
+    x = embed[tokens] + model.positional_embedding[:length]
+    mask = model.attn_mask[:length, :length]
+    if getattr(model.transformer, "batch_first", True):
+        x = model.transformer(x, attn_mask=mask)
+    else:  # pragma: no cover - sequence-first transformers
+        x = model.transformer(x.permute(1, 0, 2), attn_mask=mask).permute(1, 0, 2)
+    x = model.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)]
+    return x @ model.text_projection
 
 
 def label_aware_clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
@@ -164,18 +211,24 @@ def label_aware_clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Te
     return 0.5 * (i2t + t2i)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, rows: torch.nn.Parameter, weight_decay: float) -> List[Dict]:
+    decay, no_decay = [], [rows]
     for name, p in model.named_parameters():
-        if p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding" in name or "logit_scale" in name:
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 100) -> Tuple[torch.nn.Module, Dict]:
-    """Pretrain the mini CLIP from scratch; deterministic for (recipe, thread count). Returns (model, stats)."""
+def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 50) -> Tuple[torch.nn.Module, Dict]:
+    """Pretrain the mini CLIP from scratch; deterministic for (recipe, thread count). Returns (model, stats).
+
+    Only the token-embedding rows a caption can contain train (a compact copy, written back at the end): the other
+    ~49k rows would get zero gradients anyway, and skipping them keeps the optimizer step cheap.
+    """
     oc = _open_clip()
     t0 = time.perf_counter()
     data = data or load_pretraining_data()
@@ -186,28 +239,28 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     vis = model.visual
     mean = tuple(getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
     std = tuple(getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
-    tok = oc.get_tokenizer(MODEL_NAME)
-    dig_tok = caption_tokens(tok, DIGIT_NAMES, DIGIT_TEMPLATES)
-    ani_tok = caption_tokens(tok, ANIMAL_NAMES, ANIMAL_TEMPLATES)
-    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+    captioner = Captioner(oc.get_tokenizer(MODEL_NAME), recipe)
+    table = model.token_embedding.weight
+    table.requires_grad_(False)
+    rows = torch.nn.Parameter(table[captioner.vocab].clone())
+    index = torch.zeros(table.shape[0], dtype=torch.long)
+    index[captioner.vocab] = torch.arange(len(captioner.vocab))
+    opt = torch.optim.AdamW(_param_groups(model, rows, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98),
+                            eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / recipe.steps))))
     gen = torch.Generator().manual_seed(recipe.seed)
     n_ani = int(round(recipe.batch_size * recipe.animal_fraction))
-    n_dig = recipe.batch_size - n_ani
     (xd, yd), (xa, ya) = data.digits, data.animals
     t1 = time.perf_counter()
     running, history = 0.0, []
     for step in range(recipe.steps):
-        i_d = torch.randint(len(yd), (n_dig,), generator=gen)
+        i_d = torch.randint(len(yd), (recipe.batch_size - n_ani,), generator=gen)
         i_a = torch.randint(len(ya), (n_ani,), generator=gen)
         x = augment(torch.cat([xd[i_d], xa[i_a]]), recipe, gen)
         y = torch.cat([yd[i_d], ya[i_a]])
-        t_d = torch.randint(len(DIGIT_TEMPLATES), (len(DIGIT_NAMES),), generator=gen)
-        t_a = torch.randint(len(ANIMAL_TEMPLATES), (len(ANIMAL_NAMES),), generator=gen)
-        tokens = torch.cat([dig_tok[t_d, torch.arange(len(DIGIT_NAMES))], ani_tok[t_a, torch.arange(len(ANIMAL_NAMES))]])
         img = F.normalize(model.encode_image(normalize(x, mean, std)), dim=-1)
-        txt = F.normalize(model.encode_text(tokens), dim=-1)
+        txt = F.normalize(encode_captions(model, rows[index], captioner.sample(gen)), dim=-1)
         loss = label_aware_clip_loss(img, txt, y, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,18 +269,20 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(recipe.max_scale))
         running += float(loss)
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"mini-clip pretraining diverged at step {step} (loss {float(loss)})")
         if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
             k = (step % log_every) + 1
             history.append((step + 1, running / k))
-            logger.info("mini-clip step %d/%d loss %.4f scale %.1f", step + 1, recipe.steps, running / k,
-                        float(model.logit_scale.exp()))
+            logger.info("mini-clip step %d/%d loss %.4f scale %.1f (%.0f s)", step + 1, recipe.steps, running / k,
+                        float(model.logit_scale.exp()), time.perf_counter() - t1)
             running = 0.0
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"mini-clip pretraining diverged at step {step} (loss {float(loss)})")
+    with torch.no_grad():
+        table[captioner.vocab] = rows.detach()
     model.eval()
     stats = {"time_data_s": t_data, "time_train_s": time.perf_counter() - t1, "loss_history": history,
              "samples": recipe.steps * recipe.batch_size, "threads": torch.get_num_threads(),
-             "logit_scale": float(model.logit_scale.exp())}
+             "logit_scale": float(model.logit_scale.exp()), "trained_token_rows": len(captioner.vocab)}
     return model, stats
 
 
@@ -263,14 +318,17 @@ def cached_path(recipe: Recipe, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "mini_clip" / recipe.hash() / ASSET_NAME
 
 
-def ensure_checkpoint(recipe: Recipe, cache_dir: str | Path, force: bool = False) -> Tuple[Path, Optional[Dict]]:
-    """The cached checkpoint for ``recipe`` (built on first use); returns (path, training stats or None if cached)."""
+def ensure_checkpoint(recipe: Recipe, cache_dir: str | Path, force: bool = False) -> Tuple[Path, Dict]:
+    """The cached checkpoint for ``recipe``, built on first use; returns (path, training stats of the build)."""
     path = cached_path(recipe, cache_dir)
+    stats_path = path.with_suffix(".stats.json")
     if path.is_file() and not force:
-        return path, None
+        stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+        return path, {**stats, "cached": True}
     model, stats = train(recipe)
     save_checkpoint(model, path, recipe)
-    return path, stats
+    stats_path.write_text(json.dumps(stats, indent=1))
+    return path, {**stats, "cached": False}
 
 
 def packaged_checkpoint() -> Path:

@@ -91,11 +91,17 @@ class MlflowLogger:
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri[len("sqlite:///"):])
             db.parent.mkdir(parents=True, exist_ok=True)
-            # without a location MLflow would drop artifacts into ./mlruns; keep them beside the database
-            artifact_location = (db.parent.resolve() / "mlartifacts" / experiment).as_uri()
+            # without a location MLflow would drop artifacts into ./mlruns; keep them beside the database (in a
+            # folder named mlruns, which version control ignores)
+            artifact_location = (db.parent.resolve() / "mlruns" / experiment).as_uri()
+        stray = Path("mlruns")  # a sqlite store mkdirs its default artifact root ./mlruns even when unused
+        stray_existed = stray.exists()
         with contextlib.redirect_stderr(io.StringIO()):  # a new sqlite store prints ~40 alembic migration lines
             self.client = MlflowClient(tracking_uri=tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
+        if not stray_existed:
+            with contextlib.suppress(OSError):
+                stray.rmdir()  # only if empty
         if exp is None:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         else:

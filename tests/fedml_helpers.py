@@ -108,10 +108,11 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def mlflow_metric(tmp: Path, key: str) -> Dict[int, float]:
-    """``step -> value`` of one metric of the only run in the temp MLflow store."""
+    """``step -> value`` of one metric of the only run that logged it in ``<tmp>/mlflow.db``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    runs = [r for r in runs if key in r.data.metrics]  # (a benchmark's parent run holds no round metrics)
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, key)}

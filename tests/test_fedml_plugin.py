@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -211,6 +210,7 @@ print(json.dumps({"unguarded": unguarded, "guarded": lines() - unguarded,
 """
 
 
+@pytest.mark.slow
 def test_guard_stops_fedml_phoning_home(tmp_path):
     """The audit hook sees FedML's ops-server request when unguarded (so it can see one), and none once guarded."""
     cfg = write_config(tmp_path, "simulation.yaml", {})
@@ -224,8 +224,12 @@ def test_guard_stops_fedml_phoning_home(tmp_path):
 
 
 # ---- simulation through FedMLRunner(algorithm_flow=...) -------------------------------------------------------------
-def test_fedml_simulation_equals_in_process_run(tmp_path):
-    from fedml_pfedmoap.experiment import build_experiment
+@pytest.mark.slow
+def test_fedml_simulation_equals_pfedmoap_bench_run(tmp_path):
+    """`python -m fedml_pfedmoap` (FedMLRunner + algorithm_flow, network audited) vs `pfedmoap-bench run` on the same
+    config: identical per-round acc_mean (and test_loss) in MLflow."""
+    from benchmark_suite.cli import main as bench_main
+    from fedml_pfedmoap.fedml_plugin.config import split_raw
 
     cfg = write_config(tmp_path, "simulation.yaml", {"train_args": {
         "comm_round": 2, "client_num_in_total": 3, "client_num_per_round": 3}})
@@ -237,15 +241,19 @@ def test_fedml_simulation_equals_in_process_run(tmp_path):
         procs.close()
     assert rc == {"sim": 0}, procs.log("sim")[-3000:]
     assert (tmp_path / "audit_sim.jsonl").read_text() == ""  # no outbound attempt while the network is "unreachable"
-    pc = load_plugin_config(cfg)
-    pc.cfg.tracking_args.mlflow_tracking_uri = None
-    ref = build_experiment(pc.cfg, progress=False).simulator.run()
-    fedml_acc = mlflow_metric(tmp_path, "acc_mean")
-    assert fedml_acc == {t: r["acc_mean"] for t, r in enumerate(ref.rounds)}
-    loss = mlflow_metric(tmp_path, "test_loss")
-    assert loss == pytest.approx({t: r["test_loss"] for t, r in enumerate(ref.rounds)}, rel=1e-6)
-    assert (tmp_path / "home" / ".fedml").exists() is False  # FedML's home is under the config's output dir
+    assert not (tmp_path / "home" / ".fedml").exists()  # FedML's home is under the config's output dir
     assert (tmp_path / "out" / "fedml" / "home" / ".fedml").is_dir()
+    suite, _ = split_raw(yaml.safe_load(cfg.read_text()))  # the same settings as a benchmark config
+    suite["benchmark_args"] = {"name": "bench", "algorithms": ["pfedmoap"], "seeds": [0]}
+    suite["tracking_args"]["mlflow_tracking_uri"] = f"sqlite:///{tmp_path / 'bench' / 'mlflow.db'}"
+    bench_cfg = tmp_path / "bench.yaml"
+    bench_cfg.write_text(yaml.safe_dump(suite))
+    assert bench_main(["run", "--config", str(bench_cfg), "--no-progress"]) == 0
+    for key in ("acc_mean", "test_loss"):
+        fedml_hist = mlflow_metric(tmp_path, key)
+        bench_hist = mlflow_metric(tmp_path / "bench", key)
+        assert sorted(fedml_hist) == [0, 1]
+        assert fedml_hist == bench_hist, key
 
 
 # ---- fedml federate build -----------------------------------------------------------------------------------------
@@ -260,6 +268,7 @@ for job in sys.argv[3:]:
 """
 
 
+@pytest.mark.slow
 def test_fedml_federate_build_every_launch_file(tmp_path):
     """`fedml federate build` (offline) on a copy of the workspace: both packages, holding the plugin and the config."""
     import shutil

@@ -221,3 +221,43 @@ def test_feature_cache_memory_maps_large_files_with_equal_values(tmp_path, tiny_
     np.savez_compressed(tmp_path / "c.npz", x=np.ones(3))
     with pytest.raises(ValueError, match="compressed"):
         mmap_npz(tmp_path / "c.npz")
+
+
+@pytest.mark.parametrize("name", [a for a in ("promptfl", "local", "pfedmoap") if a in list_algorithms()])
+def test_batched_multi_client_eval_text_equals_per_client(tiny_backbone, data, name):
+    """Runtime.batch_eval_text (opt-in): same metrics as per-client encoding; PromptFL's identical global prompt is
+    encoded once per evaluation round instead of once per client."""
+    runs = []
+    for batched in (False, True):
+        text = TextEncoder(tiny_backbone, data.classnames)
+        calls = []
+        orig = text.features
+        text.features = lambda ctx, _o=orig: (calls.append(tuple(ctx.shape)), _o(ctx))[1]
+        clients = [ClientData(nv.encode_all(tiny_backbone, tr, False), nv.encode_all(tiny_backbone, te, False))
+                   for tr, te in zip(data.train, data.test)]
+        rt = Runtime(backbone=tiny_backbone, text=text, num_clients=4, local_epochs=1, batch_size=2,
+                     batch_eval_text=batched)
+        sim = Simulator(get_algorithm(name)(rt, nv.algorithm_params(name, 2)), clients, rounds=2, progress=False)
+        n_before = len(calls)
+        sim.run_round(0)
+        runs.append((sim, calls[n_before:]))
+        sim.run_round(1)
+    (plain, plain_calls), (batched, batched_calls) = runs
+    for a, b in zip(plain.result.rounds, batched.result.rounds):
+        assert a["acc_mean"] == b["acc_mean"] and a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
+    eval_plain = [c for c in plain_calls if len(c) == 2]  # single-prompt calls: training steps + per-client eval
+    singles_batched = [c for c in batched_calls if len(c) == 2]
+    if name == "promptfl":  # 8 training steps + 4 evaluations -> 8 training steps + 1 batched call of 1 prompt
+        assert len(eval_plain) == 12 and len(singles_batched) == 8
+        assert batched_calls.count((1, 16, tiny_backbone.text_width)) == 1
+    if name == "local":  # 4 distinct prompts -> one call with 4 prompts
+        assert (4, 16, tiny_backbone.text_width) in batched_calls
+
+
+def test_precision_config_is_validated_before_work(quick_cfg):
+    from fedml_pfedmoap.config import ConfigError
+    from fedml_pfedmoap.experiment import build_experiment
+
+    quick_cfg.model_args.precision = "fp16"
+    with pytest.raises(ConfigError, match="model_args.precision"):
+        build_experiment(quick_cfg, "promptfl", progress=False)

@@ -82,6 +82,7 @@ def test_sqlite_store_nested_runs_params_metrics_artifacts(tmp_path, cache):
                            dst_path=str(tmp_path / "dl"), tracking_uri=uri)
     resolved = yaml.safe_load(open(p))
     assert resolved["train_args"]["federated_optimizer"] == "local" and resolved["data_args"]["shots"] == 8
+    assert resolved["benchmark_args"]["algorithms"] == ["local"] and resolved["benchmark_args"]["seeds"] == [0]
 
 
 def test_tracking_uri_precedence_and_active_parent(tmp_path, monkeypatch):

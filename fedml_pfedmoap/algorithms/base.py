@@ -74,6 +74,7 @@ class Runtime:
     eval_batch_size: int = 2048
     cache: Dict[Any, Any] = field(default_factory=dict)  # per-process derived-tensor cache (e.g. expert features)
     rounds: Optional[int] = None  # T, the run's communication rounds (DP accounting over the run)
+    batch_eval_text: bool = False  # opt-in: every client's evaluation prompt encoded in batched text calls per round
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -163,6 +164,14 @@ class Algorithm:
     def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
         raise NotImplementedError
 
+    def before_eval(self, payloads: Dict[int, Dict[str, Any]], states: Dict[int, Dict[str, Any]]) -> None:
+        """Called once per evaluation round with every client's eval payload and state (batching hook; no-op)."""
+
+
+def eval_text_key(ctx: torch.Tensor) -> tuple:
+    """Content address of a prompt: identical prompts (PromptFL's global one) share one evaluation encoding."""
+    return ("eval-text", hashlib.sha1(ctx.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest())
+
 
 class CoOpModel(nn.Module):
     """CoOp on frozen CLIP: logits = s · cos(Î, T̂(ctx)) over all C classes."""
@@ -194,7 +203,8 @@ class CoOpModel(nn.Module):
     @torch.no_grad()
     def scorer(self):
         """Evaluation: text features encoded once, then a matmul per test chunk."""
-        text = self.text_features()
+        text = self.rt.cache.get(eval_text_key(self.ctx)) if self.rt.batch_eval_text else None
+        text = self.text_features() if text is None else text
         return lambda batch: self.logits_with(text, batch)
 
 
@@ -308,6 +318,27 @@ class PromptAlgorithm(Algorithm):
         if steps and not math.isfinite(total):
             raise FloatingPointError(f"{self.name}: non-finite training loss for client {payload['client_index']}")
         return total / max(1, steps)
+
+    @torch.no_grad()
+    def before_eval(self, payloads: Dict[int, Dict[str, Any]], states: Dict[int, Dict[str, Any]],
+                    prompts_per_call: int = 16) -> None:
+        """``Runtime.batch_eval_text``: the distinct evaluation prompts of all clients (plain CoOp text path only)
+        encoded ``prompts_per_call`` at a time, content-addressed in ``Runtime.cache`` for ``CoOpModel.scorer``."""
+        if not self.rt.batch_eval_text:
+            return
+        for key in [k for k in self.rt.cache if isinstance(k, tuple) and k[:1] == ("eval-text",)]:
+            del self.rt.cache[key]
+        prompts: Dict[tuple, torch.Tensor] = {}
+        for cid, payload in payloads.items():
+            model = self.build_model(payload, states[cid], train=False)
+            if type(model).text_features is CoOpModel.text_features:
+                prompts.setdefault(eval_text_key(model.ctx), model.ctx.detach())
+        keys = list(prompts)
+        for s in range(0, len(keys), prompts_per_call):
+            chunk = keys[s:s + prompts_per_call]
+            feats = F.normalize(self.rt.text.features(torch.stack([prompts[k] for k in chunk])).float(), dim=-1)
+            for k, f in zip(chunk, feats):
+                self.rt.cache[k] = f
 
     @torch.no_grad()
     def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:

@@ -136,8 +136,10 @@ class Simulator:
         if (t + 1) % self.eval_every == 0 or t == self.rounds - 1:
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []
+            payloads = {cid: self.algo.eval_payload(cid) for cid in range(self.num_clients)}
+            self.algo.before_eval(payloads, {cid: self.state(cid) for cid in payloads})  # opt-in batching hook
             for cid in range(self.num_clients):
-                res = self.algo.evaluate(self.algo.eval_payload(cid), self.state(cid), self.clients[cid].test)
+                res = self.algo.evaluate(payloads[cid], self.state(cid), self.clients[cid].test)
                 accs.append(res.acc)
                 ns.append(res.total)
                 losses.append(res.loss)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from fedml.core import ClientTrainer, ServerAggregator
 
 from ..algorithms.base import Algorithm

@@ -1,0 +1,134 @@
+"""Leaderboard from MLflow: LEADERBOARD.md numbers equal MLflow's, summary.csv equals the metric histories, PNG plots;
+markdown layout (bold best per column, paper column, headline) checked on hand-made records."""
+import csv
+import math
+import re
+
+import pytest
+import yaml
+
+from bench_helpers import ROOT, child_runs, cli, history
+
+
+@pytest.fixture(scope="module")
+def quickstart_runs(tmp_path_factory):
+    """The quickstart grid, shrunk (tiny CLIP, 3 rounds, two seeds, three algorithms), logged to a temp sqlite."""
+    tmp = tmp_path_factory.mktemp("lb")
+    sets = [f"common_args.cache_dir={tmp / 'cache'}", f"common_args.output_dir={tmp / 'out'}",
+            f"tracking_args.mlflow_tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "model_args.model=tiny-clip",
+            "model_args.pretrained=null", "train_args.comm_round=3", "train_args.epochs=1",
+            "device_args.num_threads=1", "benchmark_args.seeds=[0,1]"]
+    argv = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--only", "algo=zeroshot,local,promptfl",
+            "--only", "split=pathological"]
+    for s in sets:
+        argv += ["--set", s]
+    rc, out, err = cli("run", *argv, "--no-progress")
+    assert rc == 0, err
+    return tmp, argv, f"sqlite:///{tmp / 'mlflow.db'}", out
+
+
+def _table(md: str, section: str):
+    body = md.split(f"## {section}")[1].split("\n## ")[0]
+    rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| algorithm")]
+    head = next(line for line in body.splitlines() if line.startswith("| algorithm"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    return cols, {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+
+
+def test_leaderboard_numbers_equal_mlflow(quickstart_runs, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    tmp, argv, uri, run_out = quickstart_runs
+    caution = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["benchmark_args"]["caution"]
+    assert f"CAUTION: {caution}" in run_out
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out_dir = tmp / "board"
+    rc, out, err = cli("leaderboard", *argv, "--out", str(out_dir))
+    assert rc == 0, err
+    md = (out_dir / "LEADERBOARD.md").read_text()
+    assert f"> **Caution:** {caution}" in md and "optimistic" in md
+    cols, rows = _table(md, "digits · pathological")
+    assert cols[:4] == ["algorithm", "acc_last5 (mean of last 5 rounds)", "acc_last (final round)",
+                        "acc_best (best round, optimistic)"]
+    client = MlflowClient(tracking_uri=uri)
+    runs = child_runs(uri, "quickstart")[1]
+    assert len(runs) == 6
+    best_col = {}
+    for algo in ("zeroshot", "local", "promptfl"):
+        mine = [r for r in runs if r.data.tags["algorithm"] == algo]
+        assert sorted(r.data.tags["seed"] for r in mine) == ["0", "1"]
+        for ci, key in ((1, "acc_last5"), (2, "acc_last"), (3, "acc_best")):
+            vals = [r.data.metrics[key] for r in mine]
+            mean = (vals[0] + vals[1]) / 2
+            std = math.sqrt(((vals[0] - mean) ** 2 + (vals[1] - mean) ** 2) / 2)
+            assert rows[algo][ci].strip("*") == f"{100 * mean:.2f} ± {100 * std:.2f}", (algo, key)
+            best_col.setdefault(ci, []).append((mean, algo))
+        assert rows[algo][cols.index("seeds")] == "0,1"
+    for ci, entries in best_col.items():
+        top = max(m for m, _ in entries)
+        for m, algo in entries:
+            assert rows[algo][ci].startswith("**") == (m == top)
+
+    # summary.csv (long form) equals MLflow's per-round histories and summaries
+    table = list(csv.DictReader(open(out_dir / "summary.csv")))
+    assert len(table) == 6 * 3
+    for run in runs:
+        mine = [r for r in table if r["run_id"] == run.info.run_id]
+        assert [int(r["round"]) for r in mine] == [0, 1, 2]
+        for key in ("acc_mean", "acc_weighted", "acc_bottom10", "test_loss"):
+            assert [(int(r["round"]), float(r[key])) for r in mine] == history(client, run.info.run_id, key)
+        for key in ("acc_last5", "acc_best"):
+            assert {float(r[key]) for r in mine} == {run.data.metrics[key]}
+        assert {r["partition_hash"] for r in mine} == {run.data.tags["partition_hash"]}
+    for name in ("acc_vs_round-digits_pathological.png", "client_acc-digits_pathological.png"):
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # the run command wrote the same files to <output_dir>/<benchmark>
+    assert (tmp / "out" / "quickstart" / "LEADERBOARD.md").exists()
+    run_csv = list(csv.DictReader(open(tmp / "out" / "quickstart" / "summary.csv")))
+    assert [r["acc_mean"] for r in run_csv] == [r["acc_mean"] for r in table]
+
+
+def test_leaderboard_lists_missing_cells_and_fails_without_runs(quickstart_runs, tmp_path, monkeypatch):
+    tmp, argv, uri, _ = quickstart_runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    more = [a.replace("seeds=[0,1]", "seeds=[0,1,2]") for a in argv]
+    rc, out, _ = cli("leaderboard", *more, "--out", str(tmp_path / "b"), "--headline", "acc_last")
+    assert rc == 0 and "3 cell(s) have no finished run" in out
+    md = (tmp_path / "b" / "LEADERBOARD.md").read_text()
+    assert "Headline: **acc_last**" in md and "- digits/pathological/promptfl/seed2" in md
+    empty = [a.replace(str(tmp / "mlflow.db"), str(tmp_path / "empty.db")) for a in argv]
+    rc, _, err = cli("leaderboard", *empty, "--out", str(tmp_path / "c"))
+    assert rc == 2 and "no finished runs" in err
+
+
+def _rec(algo, seed, last5, last, best, bottom, dataset="oxford_pets", split="pathological"):
+    from benchmark_suite.leaderboard import CellRecord
+
+    return CellRecord(dataset, split, "", algo, seed, 0, f"{algo}{seed}",
+                      rounds=[{"round": 0, "acc_mean": last, "acc_bottom10": bottom}],
+                      summary={"acc_last5": last5, "acc_last": last, "acc_best": best}, client_acc=[last])
+
+
+def test_markdown_bold_paper_column_and_headline():
+    from benchmark_suite.leaderboard import markdown
+
+    recs = [_rec("pfedmoap", 0, 0.50, 0.60, 0.70, 0.1), _rec("pfedmoap", 1, 0.70, 0.60, 0.90, 0.3),
+            _rec("promptfl", 0, 0.65, 0.62, 0.66, 0.5), _rec("fedpgp", 0, 0.10, 0.10, 0.95, 0.0)]
+    md = markdown(recs, "acc_last5", "t", None, "test")
+    cols, rows = _table(md, "oxford_pets · pathological")
+    assert cols[-1] == "paper (Table 1)"
+    assert rows["pfedmoap"][1:6] == ["60.00 ± 10.00", "60.00 ± 0.00", "80.00 ± 10.00", "20.00 ± 10.00", "0,1"]
+    assert rows["promptfl"][1] == "**65.00 ± 0.00**" and rows["promptfl"][2] == "**62.00 ± 0.00**"
+    assert rows["fedpgp"][3] == "**95.00 ± 0.00**" and rows["promptfl"][4] == "**50.00 ± 0.00**"
+    assert rows["pfedmoap"][-1] == "**99.06 ± 0.09**" and rows["promptfl"][-1] == "90.79 ± 0.61"
+    assert rows["fedpgp"][-1] == "–"  # not in the paper
+    md2 = markdown(recs, "acc_last", "t", None, "test")
+    cols2, _ = _table(md2, "oxford_pets · pathological")
+    assert cols2[1] == "acc_last (final round)" and cols2[2] == "acc_last5 (mean of last 5 rounds)"
+    # no paper number for a setting the paper did not run
+    md3 = markdown([_rec("pfedmoap", 0, 0.5, 0.5, 0.5, 0.5, split="dirichlet-0.5")], "acc_last5", "t", None, "x")
+    assert "| paper (" not in md3
+    with pytest.raises(ValueError, match="--headline"):
+        markdown(recs, "acc_best", "t", None, "test")
+    assert re.search(r"\| pfedmoap \|", md)
