@@ -86,7 +86,8 @@ class GridRunner:
         return CheckpointStore(self.ckpt_dir, cell.slug)
 
     def finished(self, cells: Sequence[Any]) -> Dict[str, Any]:
-        """cell hash -> record of the cells already finished (MLflow when tracking, else finished checkpoints)."""
+        """cell hash -> evidence that the cell finished: its FINISHED MLflow run when tracking, else a record from the
+        cell's finished checkpoint."""
         from fedml_pfedmoap.checkpoint import result_from
 
         from .leaderboard import CellRecord
@@ -113,7 +114,7 @@ class GridRunner:
         pending = [c for c in todo if c.hash not in done]
         for c in todo:
             if c.hash in done:
-                logger.info("skip finished cell %s", c.label)
+                logger.debug("skip finished cell %s", c.label)
         logger.info("%d cells in the grid: %d finished, %d to run", len(todo), len(done), len(pending))
         records: Dict[str, Any] = {}
         if not pending:
@@ -196,6 +197,7 @@ class GridRunner:
             bar.set_postfix(post, refresh=False)
 
         sim.on_round = on_round
+        t0 = time.perf_counter()
         try:
             result = sim.run()
         except BaseException:
@@ -212,7 +214,7 @@ class GridRunner:
         store.save(snapshot(sim, cell.hash, run_id, finished=True))
         store.prev.unlink(missing_ok=True)
         self.ran.append(cell.label)
-        logger.info("finished %s: %s", cell.label, result)
+        logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
 
     def _log_start_artifacts(self, cell: Any, exp: Any, run_id: str) -> None:
@@ -241,6 +243,7 @@ def main(args: argparse.Namespace) -> int:
     from . import leaderboard as lb
     from .grid import expand_grid
 
+    logging.getLogger("benchmark_suite").setLevel(logging.INFO)  # skip/resume/finish notes (the root logger is quiet)
     base = load_config(args.config, args.set)
     cells = expand_grid(base, args.only)  # every grid error surfaces here, before any run
     if args.dry_run:

@@ -11,7 +11,9 @@ This module builds a miniature of the real setting that runs on a laptop CPU:
   ``ANIMAL_TEMPLATES``);
 * objective: CLIP's symmetric InfoNCE (Radford et al., ICML 2021) made label-aware (UniCL, Yang et al., CVPR 2022):
   every image is contrasted with the 20 class captions of the step (image→text cross-entropy), every caption with
-  the images of the batch, all images of its class being positives (text→image);
+  the images of the batch, all images of its class being positives (text→image); the same loss on the mean of the
+  normalized projected patch tokens (weight ``patch_weight``) aligns the local features that patch-token methods
+  (FedOTP's optimal transport) score, as real CLIP's dense features roughly are;
 * augmentation: random affine and random low resolution (generic robustness, no downstream images are used);
 * output: an fp16 ``.safetensors`` state dict that loads through the same route as any CLIP checkpoint:
   ``load_clip("mini-clip", pretrained=<path>)``. Deterministic for a (recipe, seed, thread count).
@@ -76,6 +78,7 @@ class Recipe:
     max_scale: float = 100.0  # clamp of exp(logit_scale), as in CLIP
     affine_prob: float = 0.8
     lowres_prob: float = 0.5
+    patch_weight: float = 0.5  # weight of the dense (patch-token) alignment term
     filler_prob: float = 0.5  # share of captions with a random prefix of filler words
     max_filler: int = 18
     version: int = 1  # bump when the code's training semantics change
@@ -237,6 +240,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     model = oc.create_model(MODEL_NAME)
     model.train()
     vis = model.visual
+    vis.output_tokens = True  # (pooled, patch tokens after ln_post); a runtime switch, not saved
     mean = tuple(getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
     std = tuple(getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
     captioner = Captioner(oc.get_tokenizer(MODEL_NAME), recipe)
@@ -259,9 +263,13 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
         i_a = torch.randint(len(ya), (n_ani,), generator=gen)
         x = augment(torch.cat([xd[i_d], xa[i_a]]), recipe, gen)
         y = torch.cat([yd[i_d], ya[i_a]])
-        img = F.normalize(model.encode_image(normalize(x, mean, std)), dim=-1)
+        pooled, tokens = vis(normalize(x, mean, std))
         txt = F.normalize(encode_captions(model, rows[index], captioner.sample(gen)), dim=-1)
-        loss = label_aware_clip_loss(img, txt, y, model.logit_scale.exp())
+        scale = model.logit_scale.exp()
+        loss = label_aware_clip_loss(F.normalize(pooled, dim=-1), txt, y, scale)
+        if recipe.patch_weight > 0:  # dense alignment: the mean of the normalized projected patch tokens
+            dense = F.normalize(F.normalize(tokens @ vis.proj, dim=-1).mean(1), dim=-1)
+            loss = loss + recipe.patch_weight * label_aware_clip_loss(dense, txt, y, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -279,6 +287,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
             running = 0.0
     with torch.no_grad():
         table[captioner.vocab] = rows.detach()
+    vis.output_tokens = False
     model.eval()
     stats = {"time_data_s": t_data, "time_train_s": time.perf_counter() - t1, "loss_history": history,
              "samples": recipe.steps * recipe.batch_size, "threads": torch.get_num_threads(),

@@ -47,6 +47,21 @@ def _mlflow():
     return mlflow
 
 
+@contextlib.contextmanager
+def _quiet_store_init():
+    """Creating a sqlite store runs alembic, whose ``fileConfig`` prints ~40 migration lines and replaces the root
+    logger's handlers and level; swallow the lines and put the caller's logging configuration back."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def resolve_tracking_uri(configured: Optional[str], explicit: bool = False) -> Optional[str]:
     """Explicit setting > ``MLFLOW_TRACKING_URI`` > YAML value; None when tracking is off."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -96,7 +111,7 @@ class MlflowLogger:
             artifact_location = (db.parent.resolve() / "mlruns" / experiment).as_uri()
         stray = Path("mlruns")  # a sqlite store mkdirs its default artifact root ./mlruns even when unused
         stray_existed = stray.exists()
-        with contextlib.redirect_stderr(io.StringIO()):  # a new sqlite store prints ~40 alembic migration lines
+        with _quiet_store_init():
             self.client = MlflowClient(tracking_uri=tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
         if not stray_existed:

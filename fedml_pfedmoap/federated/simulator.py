@@ -137,7 +137,9 @@ class Simulator:
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []
             payloads = {cid: self.algo.eval_payload(cid) for cid in range(self.num_clients)}
-            self.algo.before_eval(payloads, {cid: self.state(cid) for cid in payloads})  # opt-in batching hook
+            before_eval = getattr(self.algo, "before_eval", None)  # opt-in batching hook (Runtime.batch_eval_text)
+            if before_eval is not None:
+                before_eval(payloads, {cid: self.state(cid) for cid in payloads})
             for cid in range(self.num_clients):
                 res = self.algo.evaluate(payloads[cid], self.state(cid), self.clients[cid].test)
                 accs.append(res.acc)
