@@ -58,7 +58,7 @@ def client_distribution(records: Sequence[Any], title: str, path: Path) -> Path:
     groups = [(a, v) for a, v in groups if v]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 2), 4.0))
     if groups:
-        ax.boxplot([v for _, v in groups], showmeans=True)
+        ax.boxplot([v for _, v in groups], showmeans=True, showfliers=False)  # every point is drawn below
         ax.set_xticks(range(1, len(groups) + 1), [a for a, _ in groups], rotation=30, fontsize=8)
         rng = np.random.default_rng(0)  # fixed jitter, for reproducible images
         for i, (_, v) in enumerate(groups, start=1):
