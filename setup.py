@@ -43,7 +43,7 @@ setup(
     license="MIT",
     python_requires=">=3.10,<3.12",
     packages=find_packages(include=["fedml_pfedmoap*", "benchmark_suite*"]),
-    package_data={"fedml_pfedmoap": ["model_configs/*.json", "configs/*.yaml"]},
+    package_data={"fedml_pfedmoap": ["model_configs/*.json", "assets/*"], "benchmark_suite": ["*.yaml", "*.sh"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0", "pytest-timeout"]},

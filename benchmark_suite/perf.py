@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import perf_measure
 from .perf_measure import MemorySampler, format_table, machine_info, text_benchmark, timed
 
 SCALES = {"tiny": ("tiny-clip", False), "vit-b-16": ("ViT-B-16", False), "rn50": ("RN50-quickgelu", False)}
@@ -138,6 +139,7 @@ class Bench:
                     [nv.encode_all(self.backbone, s, self.patches) for s in self.data.test])
 
         (self.fast_train, self.fast_test), self.extract_s = timed(extract, self.device)
+        self.extract_cpu_s = perf_measure.LAST_CPU_S
 
     @classmethod
     def build(cls, args: argparse.Namespace) -> "Bench":
@@ -239,7 +241,7 @@ def run_algorithm(bench: Bench, name: str) -> Dict[str, Any]:
             if t in (0, last):
                 snaps[t] = snapshot(algo, sim.states)
             m, secs = timed(lambda: sim.run_round(t), bench.device)
-            fast_rounds.append({**_round(m), "wall_s": secs})
+            fast_rounds.append({**_round(m), "wall_s": secs, "cpu_s": perf_measure.LAST_CPU_S})
     row: Dict[str, Any] = {"algorithm": name, "fast_rounds": fast_rounds, **mem.report()}
     steady_f = fast_rounds[last]["wall_s"]
     row["fast_steady_round_s"] = steady_f
@@ -251,13 +253,17 @@ def run_algorithm(bench: Bench, name: str) -> Dict[str, Any]:
         nalgo, nsim = bench.make(name, naive=True, snap=snaps[t])
         nsim.next_round = t
         m, secs = timed(lambda: nsim.run_round(t), bench.device)
-        naive_rounds[t] = {**_round(m), "wall_s": secs}
+        naive_rounds[t] = {**_round(m), "wall_s": secs, "cpu_s": perf_measure.LAST_CPU_S}
     row["naive_rounds"] = {str(k): v for k, v in naive_rounds.items()}
     steady_n = naive_rounds[last]["wall_s"]
     row["naive_steady_round_s"] = steady_n
     row["naive_round0_estimated"] = 0 not in naive_rounds
     row["naive_whole_run_s"] = naive_rounds.get(0, naive_rounds[last])["wall_s"] + (a.whole_run - 1) * steady_n
     row["speedup_steady"] = steady_n / steady_f
+    row["speedup_steady_cpu_time"] = naive_rounds[last]["cpu_s"] / max(fast_rounds[last]["cpu_s"], 1e-9)
+    n_cpu = naive_rounds.get(0, naive_rounds[last])["cpu_s"] + (a.whole_run - 1) * naive_rounds[last]["cpu_s"]
+    f_cpu = bench.extract_cpu_s + fast_rounds[0]["cpu_s"] + (a.whole_run - 1) * fast_rounds[last]["cpu_s"]
+    row["speedup_whole_run_cpu_time"] = n_cpu / max(f_cpu, 1e-9)
     row["speedup_whole_run"] = row["naive_whole_run_s"] / row["fast_whole_run_s"]
     f_last, n_last = fast_rounds[last], naive_rounds[last]
     if "acc_mean" in f_last and "acc_mean" in n_last:

@@ -103,11 +103,18 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(result, wall seconds); the process CPU seconds of the same call are left in ``LAST_CPU_S`` (CPU runs on a
+    shared machine: CPU time is insensitive to other processes' load, wall time is not)."""
+    global LAST_CPU_S
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
+    LAST_CPU_S = time.process_time() - c0
     return out, time.perf_counter() - t0
+
+
+LAST_CPU_S = 0.0
 
 
 def text_benchmark(bench: Any, reps: int = 3) -> Dict[str, Any]:

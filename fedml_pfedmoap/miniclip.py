@@ -155,7 +155,7 @@ def augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tens
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B,1,H,W) gray in [0,1] -> (B,3,H,W) CLIP-normalized, as the downstream pipeline does after ``convert('RGB')``."""
+    """(B,1,H,W) gray in [0,1] -> (B,3,H,W) CLIP-normalized, as the pipeline does after ``convert('RGB')``."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x.expand(-1, 3, -1, -1) - m) / s
@@ -256,7 +256,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     gen = torch.Generator().manual_seed(recipe.seed)
     n_ani = int(round(recipe.batch_size * recipe.animal_fraction))
     (xd, yd), (xa, ya) = data.digits, data.animals
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     running, history = 0.0, []
     for step in range(recipe.steps):
         i_d = torch.randint(len(yd), (recipe.batch_size - n_ani,), generator=gen)
@@ -290,6 +290,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     vis.output_tokens = False
     model.eval()
     stats = {"time_data_s": t_data, "time_train_s": time.perf_counter() - t1, "loss_history": history,
+             "cpu_train_s": time.process_time() - c1,  # all threads: on idle cores, wall ≈ this / threads
              "samples": recipe.steps * recipe.batch_size, "threads": torch.get_num_threads(),
              "logit_scale": float(model.logit_scale.exp()), "trained_token_rows": len(captioner.vocab)}
     return model, stats
