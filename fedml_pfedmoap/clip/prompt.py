@@ -71,7 +71,8 @@ class TextEncoder(nn.Module):
         x = x.to(cast) + model.positional_embedding[:length].to(cast)
         mask = model.attn_mask
         mask = mask[:length, :length] if mask is not None else None
-        transformer = self.__dict__.get("_compiled") or model.transformer
+        compiled = self.__dict__.get("_compiled")
+        transformer = compiled if compiled is not None else model.transformer
         if getattr(model.transformer, "batch_first", True):
             x = transformer(x, attn_mask=mask)
         else:  # pragma: no cover - sequence-first transformers
