@@ -9,6 +9,7 @@ accuracy on held-out pretraining data (MNIST test, silhouettes of the pretrainin
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -35,7 +36,10 @@ def main(args: argparse.Namespace) -> int:
 
     from fedml_pfedmoap.clip.backbone import file_digest
     from fedml_pfedmoap.miniclip import (MODEL_NAME, PACKAGED, Recipe, checkpoint_metadata, ensure_checkpoint,
-                                         evaluate_checkpoint, packaged_checkpoint)
+                                         evaluate_checkpoint, max_weight_difference, packaged_checkpoint)
+
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip's model-building chatter
+    logging.getLogger("fedml_pfedmoap.miniclip").setLevel(logging.INFO)  # progress every 50 steps
 
     if args.steps < 1 or args.batch_size < 2 or args.threads < 1:
         raise ValueError("pretrain-mini: --steps >= 1, --batch-size >= 2 and --threads >= 1 are required")
@@ -50,8 +54,10 @@ def main(args: argparse.Namespace) -> int:
               f"training with {stats.get('threads', '?')} thread(s); --force rebuilds)")
     else:
         print(f"pretraining time: {stats['time_train_s']:.1f} s training + {stats['time_data_s']:.1f} s data "
-              f"({time.perf_counter() - t0:.1f} s wall, {torch.get_num_threads()} thread(s)); "
-              f"final loss {stats['loss_history'][-1][1]:.4f}, logit scale {stats['logit_scale']:.1f}")
+              f"({time.perf_counter() - t0:.1f} s wall, {torch.get_num_threads()} thread(s); training used "
+              f"{stats['cpu_train_s']:.0f} CPU-s, i.e. about {stats['cpu_train_s'] / args.threads:.0f} s on "
+              f"{args.threads} idle cores); final loss {stats['loss_history'][-1][1]:.4f}, logit scale "
+              f"{stats['logit_scale']:.1f}")
     size_mb = path.stat().st_size / 2**20
     print(f"checkpoint: {path} ({size_mb:.2f} MiB, sha256 {file_digest(path)}, "
           f"recipe {checkpoint_metadata(path).get('recipe_hash')})")
@@ -62,9 +68,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"written to {out}")
     packaged = packaged_checkpoint()
     if packaged.is_file():
-        same = file_digest(packaged) == file_digest(path)
-        print(f"packaged checkpoint ({PACKAGED}): {'identical' if same else 'DIFFERENT'} "
-              f"(sha256 {file_digest(packaged)})")
+        if file_digest(packaged) == file_digest(path):
+            print(f"packaged checkpoint ({PACKAGED}): bit-identical")
+        else:  # multi-threaded float summation order is not bit-reproducible across processes
+            recipe_of = checkpoint_metadata(packaged).get("recipe_hash")
+            print(f"packaged checkpoint ({PACKAGED}): not bit-identical; largest weight difference "
+                  f"{max_weight_difference(packaged, path):.2e} (packaged recipe {recipe_of})")
     if not args.no_eval:
         t1 = time.perf_counter()
         acc = evaluate_checkpoint(path)

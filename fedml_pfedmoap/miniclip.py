@@ -276,14 +276,15 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(recipe.max_scale))
-        running += float(loss)
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"mini-clip pretraining diverged at step {step} (loss {float(loss)})")
+        value = loss.item()
+        running += value
+        if not math.isfinite(value):
+            raise FloatingPointError(f"mini-clip pretraining diverged at step {step} (loss {value})")
         if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
             k = (step % log_every) + 1
             history.append((step + 1, running / k))
             logger.info("mini-clip step %d/%d loss %.4f scale %.1f (%.0f s)", step + 1, recipe.steps, running / k,
-                        float(model.logit_scale.exp()), time.perf_counter() - t1)
+                        model.logit_scale.exp().item(), time.perf_counter() - t1)
             running = 0.0
     with torch.no_grad():
         table[captioner.vocab] = rows.detach()
@@ -315,6 +316,16 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, recipe: Recipe) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def max_weight_difference(a: str | Path, b: str | Path) -> float:
+    """Largest absolute difference between two checkpoints' tensors (inf if their keys or shapes differ)."""
+    from safetensors.torch import load_file
+
+    sa, sb = load_file(str(a)), load_file(str(b))
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+        return math.inf
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
 
 
 def checkpoint_metadata(path: str | Path) -> Dict[str, str]:
