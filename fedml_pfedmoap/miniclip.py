@@ -293,7 +293,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     stats = {"time_data_s": t_data, "time_train_s": time.perf_counter() - t1, "loss_history": history,
              "cpu_train_s": time.process_time() - c1,  # all threads: on idle cores, wall ≈ this / threads
              "samples": recipe.steps * recipe.batch_size, "threads": torch.get_num_threads(),
-             "logit_scale": float(model.logit_scale.exp()), "trained_token_rows": len(captioner.vocab)}
+             "logit_scale": model.logit_scale.exp().item(), "trained_token_rows": len(captioner.vocab)}
     return model, stats
 
 
