@@ -105,7 +105,7 @@ def split_to_tensor(split: SplitData, size: int = 32) -> torch.Tensor:
 
 @dataclass
 class PretrainData:
-    """Pretraining pools (images in [0,1], global labels: digits 0–9, animals 10–19) and held-out splits."""
+    """Pretraining pools: (images (N,1,32,32) in [0,1], labels) with global labels digits 0–9, animals 10–19."""
 
     digits: Tuple[torch.Tensor, torch.Tensor]
     animals: Tuple[torch.Tensor, torch.Tensor]
