@@ -123,6 +123,8 @@ def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, 
             for c in cols:
                 vals = [_last(r, "acc_bottom10") if c == "acc_bottom10" else r.summary.get(c) for r in recs]
                 row[c] = mean_std([v for v in vals if v is not None])
+            row["comm"] = tuple(mean_std([x[k] for r in recs for x in r.rounds if k in x])[0]
+                                for k in ("bytes_up", "bytes_down"))
             rows.append(row)
         out[g] = rows
     return out
@@ -176,7 +178,8 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
         lines += [f"## {group_title(g)}", ""]
         entry = paper_entry(paper, g[0], g[1]) if not g[2] else None
         pcol = f"paper ({entry['table']})" if entry else None
-        head = ["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["seeds"] + ([pcol] if pcol else [])
+        head = (["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
+                + ([pcol] if pcol else []))
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in cols}
         pvals = {r["algorithm"]: (entry["results"].get(r["algorithm"]) if entry else None) for r in rows}
@@ -186,6 +189,8 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
             for c in cols:
                 txt = _pct(r[c])
                 cells.append(f"**{txt}**" if r[c][2] and best[c] is not None and r[c][0] == best[c] else txt)
+            up, down = r["comm"]
+            cells.append("–" if not np.isfinite(up) else f"{up / 1024:.1f} / {down / 1024:.1f}")
             cells.append(",".join(map(str, r["seeds"])))
             if pcol:
                 pv = pvals[r["algorithm"]]

@@ -118,7 +118,7 @@ def test_markdown_bold_paper_column_and_headline():
     md = markdown(recs, "acc_last5", "t", None, "test")
     cols, rows = _table(md, "oxford_pets · pathological")
     assert cols[-1] == "paper (Table 1)"
-    assert rows["pfedmoap"][1:6] == ["60.00 ± 10.00", "60.00 ± 0.00", "80.00 ± 10.00", "20.00 ± 10.00", "0,1"]
+    assert rows["pfedmoap"][1:7] == ["60.00 ± 10.00", "60.00 ± 0.00", "80.00 ± 10.00", "20.00 ± 10.00", "–", "0,1"]
     assert rows["promptfl"][1] == "**65.00 ± 0.00**" and rows["promptfl"][2] == "**62.00 ± 0.00**"
     assert rows["fedpgp"][3] == "**95.00 ± 0.00**" and rows["promptfl"][4] == "**50.00 ± 0.00**"
     assert rows["pfedmoap"][-1] == "**99.06 ± 0.09**" and rows["promptfl"][-1] == "90.79 ± 0.61"
@@ -132,3 +132,13 @@ def test_markdown_bold_paper_column_and_headline():
     with pytest.raises(ValueError, match="--headline"):
         markdown(recs, "acc_best", "t", None, "test")
     assert re.search(r"\| pfedmoap \|", md)
+
+
+def test_markdown_reports_bytes_per_participant_round():
+    from benchmark_suite.leaderboard import markdown
+
+    rec = _rec("pfedmoap", 0, 0.5, 0.5, 0.5, 0.1)
+    rec.rounds = [{"round": 0, "acc_mean": 0.5, "bytes_up": 2048, "bytes_down": 2048},
+                  {"round": 1, "acc_mean": 0.5, "bytes_up": 2048, "bytes_down": 8192}]
+    _, rows = _table(markdown([rec], "acc_last5", "t", None, "test"), "oxford_pets · pathological")
+    assert rows["pfedmoap"][5] == "2.0 / 5.0"  # mean over rounds: up (2+2)/2 KB, down (2+8)/2 KB
