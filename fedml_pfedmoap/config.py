@@ -241,18 +241,23 @@ def resolve_pretrained(value: Optional[str]) -> Optional[str]:
     return str(path)
 
 
-def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
-    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+def read_raw(path: str | Path, overrides: Optional[List[str]] = None, what: str = "config file") -> Dict[str, Any]:
+    """The YAML mapping of ``path`` with ``section.key=value`` overrides applied (values parsed as YAML)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({err})") from None
     for ov in overrides or []:
         apply_override(raw, ov)
-    return from_dict(raw, source=str(p))
+    return raw
+
+
+def load_config(path: str | Path, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML config and apply ``section.key=value`` overrides (values parsed as YAML)."""
+    return from_dict(read_raw(path, overrides), source=str(path))
 
 
 def apply_override(raw: Dict[str, Any], override: str) -> None:

@@ -15,9 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
-from ..config import SECTIONS, Config, ConfigError, apply_override, from_dict
+from ..config import SECTIONS, Config, ConfigError, from_dict, read_raw
 
 # FedML keys the suite does not model; accepted in any section and handed to FedML as they are.
 FEDML_KEYS = frozenset({
@@ -84,14 +82,7 @@ def split_raw(raw: Dict[str, Any], where: str = "") -> Tuple[Dict[str, Any], Dic
 def load_plugin_config(path: str | Path, overrides: Optional[List[str]] = None) -> PluginConfig:
     """Read a FedML YAML (``--cf``), apply ``section.key=value`` overrides, validate, and check the FedML setup."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--cf: config file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err})") from None
-    for ov in overrides or []:
-        apply_override(raw, ov)
+    raw = read_raw(p, overrides, what="--cf: config file")
     suite, fedml_keys = split_raw(raw, f" in {p}")
     pc = PluginConfig(from_dict(suite, source=str(p)), fedml_keys, p.resolve().parent)
     validate(pc)
