@@ -121,7 +121,8 @@ def world(tmp_path_factory):
     return run
 
 
-SMALL = {"train_args.comm_round": 4, "train_args.epochs": 2}  # pathological split of the quickstart, 5 clients
+SMALL = {"train_args.comm_round": 4, "train_args.epochs": 2,  # pathological split of the quickstart, 5 clients
+         "train_args.client_num_in_total": 5, "train_args.client_num_per_round": 5}
 
 
 def acc(exp, key="acc_last"):
