@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast around the frozen towers, fp32 trainable parameters (optimized path)")
     p.add_argument("--batch-eval-text", action="store_true",
                    help="opt-in: all clients' evaluation prompts in batched text calls (Runtime.batch_eval_text)")
+    p.add_argument("--train-clients-per-call", type=int, default=1,
+                   help="optimized path: clients trained in lockstep with their prompts in one text-tower call")
     p.add_argument("--compile", action="store_true", help="torch.compile the text transformer (optimized path)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -154,7 +156,8 @@ class Bench:
                   batch_size=a.batch, device=self.device, rounds=a.whole_run)
         if naive:
             return Runtime(text=self.text_naive, eval_batch_size=a.batch, cache=NeverHitCache(), **kw)
-        return Runtime(text=self.text_fast, batch_eval_text=bool(a.batch_eval_text), **kw)
+        return Runtime(text=self.text_fast, batch_eval_text=bool(a.batch_eval_text),
+                       train_clients_per_call=int(a.train_clients_per_call), **kw)
 
     def clients(self, naive: bool):
         from fedml_pfedmoap.federated.simulator import ClientData

@@ -68,6 +68,7 @@ class TrainArgs:
     eval_every: int = 1
     eval_batch_size: int = 2048
     batch_eval_text: bool = False  # opt-in: all clients' evaluation prompts encoded in batched text-tower calls
+    train_clients_per_call: int = 1  # >1: clients trained in lockstep, their prompts in one text-tower call (GPU)
 
 
 @dataclass

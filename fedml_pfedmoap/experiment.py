@@ -122,6 +122,8 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     t = cfg.train_args
     if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
         raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+    if t.train_clients_per_call < 1:
+        raise ConfigError(f"train_args.train_clients_per_call: expected an integer >= 1, got {t.train_clients_per_call}")
     if cfg.device_args.num_threads:
         torch.set_num_threads(int(cfg.device_args.num_threads))
     device = resolve_device(cfg)
@@ -146,7 +148,7 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     rt = Runtime(backbone=backbone, text=res.features[text_key], num_clients=t.client_num_in_total, seed=seed,
                  local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
-                 batch_eval_text=t.batch_eval_text)
+                 batch_eval_text=t.batch_eval_text, train_clients_per_call=t.train_clients_per_call)
     algo = algo_cls(rt, params)
     clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
                for i in range(t.client_num_in_total)]

@@ -108,7 +108,7 @@ def test_expert_features_encoded_once_and_shared(rt, monkeypatch):
     d = data(0)
     steps = 2 * d.num_batches(8)
     algo.local_train(p, {}, d)
-    assert calls.count((3, 4, 64)) == 1 and calls.count((4, 64)) == steps  # experts once, batched
+    assert calls.count((3, 4, 64)) == 1 and calls.count((1, 4, 64)) == steps  # experts once, batched
     calls.clear()
     algo.local_train({**p, "client_index": 4}, {}, data(4))  # another client, same expert versions: cached
     assert (3, 4, 64) not in calls and len(calls) == steps

@@ -29,6 +29,7 @@ from ..clip.prompt import TextEncoder
 from ..federated.features import Batch, FeatureSet
 from ..privacy import DPConfig, GaussianUploadMechanism, clip_grad_
 from ..registry import Registry
+from .training import fit_clients
 
 ALGORITHMS: Registry[type] = Registry("algorithm")
 register_algorithm = ALGORITHMS.register
@@ -75,6 +76,7 @@ class Runtime:
     cache: Dict[Any, Any] = field(default_factory=dict)  # per-process derived-tensor cache (e.g. expert features)
     rounds: Optional[int] = None  # T, the run's communication rounds (DP accounting over the run)
     batch_eval_text: bool = False  # opt-in: every client's evaluation prompt encoded in batched text calls per round
+    train_clients_per_call: int = 1  # >1: that many clients trained in lockstep, their prompts in one text call
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -161,6 +163,11 @@ class Algorithm:
     def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
         return {"client_index": payload["client_index"], "n": len(data)}
 
+    def local_train_many(self, payloads: Sequence[Dict[str, Any]], states: Sequence[Dict[str, Any]],
+                         datas: Sequence[FeatureSet]) -> List[Dict[str, Any]]:
+        """All of a round's participants (the simulator's call); prompt methods may batch them (lockstep)."""
+        return [self.local_train(p, st, d) for p, st, d in zip(payloads, states, datas)]
+
     def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
         raise NotImplementedError
 
@@ -187,8 +194,17 @@ class CoOpModel(nn.Module):
     def prepare(self) -> None:
         """Per-round precomputation (frozen features, e.g. experts); called once before training/evaluation."""
 
+    def train_prompts(self) -> torch.Tensor:
+        """The prompts (P, n_ctx, W) whose text features a training step needs. ``fit_clients`` encodes several
+        clients' prompts in one text-tower call (``Runtime.train_clients_per_call``), then calls ``loss_from``."""
+        return self.ctx.unsqueeze(0)
+
+    def text_from(self, feats: torch.Tensor) -> torch.Tensor:
+        """Unnormalized features (P, C, D) of ``train_prompts()`` -> the text features the logits use."""
+        return F.normalize(feats[0].float(), dim=-1)
+
     def text_features(self) -> torch.Tensor:
-        return F.normalize(self.rt.text.features(self.ctx).float(), dim=-1)
+        return self.text_from(self.rt.text.features(self.train_prompts()))
 
     def logits_with(self, text: torch.Tensor, batch: Batch) -> torch.Tensor:
         img = F.normalize(batch.feats.float(), dim=-1)
@@ -197,8 +213,16 @@ class CoOpModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.logits_with(self.text_features(), batch)
 
+    def loss_from(self, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The training loss given the unnormalized features of ``train_prompts()``."""
+        return F.cross_entropy(self.logits_with(self.text_from(feats), batch), batch.labels)
+
     def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self(batch), batch.labels)
+        return self.loss_from(self.rt.text.features(self.train_prompts()), batch)
+
+    def train_metrics(self) -> Dict[str, float]:
+        """Per-client numbers reported with the upload after training (e.g. FedOTP's non-finite plan count)."""
+        return {}
 
     @torch.no_grad()
     def scorer(self):
@@ -261,13 +285,27 @@ class PromptAlgorithm(Algorithm):
         """Called between backward and the optimizer step (gradient clipping for DP)."""
 
     def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
-        model = self.build_model(payload, state, train=True)
-        model.prepare()
-        loss = self.fit(model, payload, data)
-        self.keep_state(model, payload, state)
-        up = self.make_upload(model, payload, state, len(data))
-        up["metrics"] = {"train_loss": loss, **self.privatize_upload(up, payload, data)}
-        return up
+        return self.local_train_many([payload], [state], [data])[0]
+
+    def local_train_many(self, payloads: Sequence[Dict[str, Any]], states: Sequence[Dict[str, Any]],
+                         datas: Sequence[FeatureSet]) -> List[Dict[str, Any]]:
+        """Train several clients, ``Runtime.train_clients_per_call`` at a time in lockstep (``fit_clients``); each
+        client's optimizer, batches and RNG streams are its own, so the result does not depend on the grouping."""
+        ups: List[Dict[str, Any]] = []
+        k = max(1, int(self.rt.train_clients_per_call))
+        for s in range(0, len(payloads), k):
+            group = list(zip(payloads[s:s + k], states[s:s + k], datas[s:s + k]))
+            models = [self.build_model(p, st, train=True) for p, st, _ in group]
+            for m in models:
+                m.prepare()
+            losses = fit_clients(self, models, [p for p, _, _ in group], [d for _, _, d in group])
+            for model, loss, (payload, state, data) in zip(models, losses, group):
+                self.keep_state(model, payload, state)
+                up = self.make_upload(model, payload, state, len(data))
+                up["metrics"] = {"train_loss": loss, **model.train_metrics(),
+                                 **self.privatize_upload(up, payload, data)}
+                ups.append(up)
+        return ups
 
     @property
     def dp_mechanism(self) -> Optional[GaussianUploadMechanism]:
@@ -295,29 +333,8 @@ class PromptAlgorithm(Algorithm):
         return out
 
     def fit(self, model: nn.Module, payload: Dict[str, Any], data: FeatureSet) -> float:
-        """E epochs of SGD with fresh optimizers (one per parameter group set), shuffled by a private generator."""
-        hp = self.hp
-        opt = torch.optim.SGD(model.param_groups(hp), momentum=hp.momentum, weight_decay=hp.weight_decay)
-        gen = make_generator(self.rt.seed, "batches", payload["client_index"], payload["round"])
-        epochs = hp.epochs if hp.epochs is not None else self.rt.local_epochs
-        total, steps = 0.0, 0
-        for _ in range(epochs):
-            for batch in data.batches(self.rt.batch_size, gen):
-                loss = model.loss(batch)
-                extra = self.extra_loss(model, payload)
-                if extra is not None:
-                    loss = loss + extra
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.dp_mechanism is not None:  # DP: per-step clip of the prompt's batch gradient to C_g
-                    clip_grad_(model.ctx, self.dp_mechanism.cfg.clip_grad)
-                self.before_step(model)
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-        if steps and not math.isfinite(total):
-            raise FloatingPointError(f"{self.name}: non-finite training loss for client {payload['client_index']}")
-        return total / max(1, steps)
+        """E epochs of SGD for one client (``fit_clients`` with a single client); returns the mean training loss."""
+        return fit_clients(self, [model], [payload], [data])[0]
 
     @torch.no_grad()
     def before_eval(self, payloads: Dict[int, Dict[str, Any]], states: Dict[int, Dict[str, Any]],
@@ -331,7 +348,7 @@ class PromptAlgorithm(Algorithm):
         prompts: Dict[tuple, torch.Tensor] = {}
         for cid, payload in payloads.items():
             model = self.build_model(payload, states[cid], train=False)
-            if type(model).text_features is CoOpModel.text_features:
+            if all(getattr(type(model), f) is getattr(CoOpModel, f) for f in ("text_features", "text_from", "train_prompts")):
                 prompts.setdefault(eval_text_key(model.ctx), model.ctx.detach())
         keys = list(prompts)
         for s in range(0, len(keys), prompts_per_call):

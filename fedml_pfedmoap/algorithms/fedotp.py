@@ -70,8 +70,8 @@ class FedOTPModel(DualPromptModel):
         self.calls = 0
         self.tag = "fedotp"
 
-    def text_features(self) -> torch.Tensor:
-        return self.pair_features()  # (2, C, D)
+    def train_metrics(self) -> Dict[str, float]:
+        return {"ot_nonfinite": self.nonfinite}
 
     def logits_with(self, text: torch.Tensor, batch: Batch) -> torch.Tensor:
         if batch.patches is None:
@@ -131,12 +131,3 @@ class FedOTP(PersonalPromptAlgorithm):
         model.tag = f"fedotp client {payload['client_index']} round {payload['round']} {'train' if train else 'eval'}"
         return model
 
-    def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
-        self._last_nonfinite = 0
-        up = super().local_train(payload, state, data)
-        up["metrics"]["ot_nonfinite"] = self._last_nonfinite
-        return up
-
-    def keep_state(self, model: FedOTPModel, payload: Dict[str, Any], state: Dict[str, Any]) -> None:
-        super().keep_state(model, payload, state)
-        self._last_nonfinite = model.nonfinite

@@ -76,8 +76,15 @@ class FedPGPModel(CoOpModel):
     def text_features(self) -> torch.Tensor:
         return F.normalize(self.rt.text.features(self.full_prompt()).float(), dim=-1)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        both = F.normalize(self.rt.text.features(torch.stack([self.ctx, self.full_prompt()])).float(), dim=-1)
+    def train_prompts(self) -> torch.Tensor:
+        """Training needs σ and σ + UV (one batched call); evaluation only σ + UV (``text_features``)."""
+        return torch.stack([self.ctx, self.full_prompt()])
+
+    def text_from(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feats[-1].float(), dim=-1)
+
+    def loss_from(self, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
+        both = F.normalize(feats.float(), dim=-1)
         f_sigma, f_full = both[0], both[1]
         ce = F.cross_entropy(self.logits_with(f_full, batch), batch.labels)
         return ce + self.hp.mu * contrastive_loss(self.initial_features(), f_sigma, f_full, self.hp.tau)

@@ -70,9 +70,12 @@ class DualPromptModel(CoOpModel):
     def param_groups(self, hp: PromptParams) -> List[Dict[str, Any]]:
         return [{"params": [self.ctx, self.local_ctx], "lr": hp.lr}]
 
-    def pair_features(self) -> torch.Tensor:
-        """Normalized text features of [global; local] from ONE batched text-encoder call: (2, C, D)."""
-        return F.normalize(self.rt.text.features(torch.stack([self.ctx, self.local_ctx])).float(), dim=-1)
+    def train_prompts(self) -> torch.Tensor:
+        return torch.stack([self.ctx, self.local_ctx])
+
+    def text_from(self, feats: torch.Tensor) -> torch.Tensor:
+        """Normalized text features of [global; local] (2, C, D), both from ONE batched text-encoder call."""
+        return F.normalize(feats.float(), dim=-1)
 
 
 @dataclass
@@ -88,8 +91,8 @@ class PromptFolioParams(PersonalParams):
 class PromptFolioModel(DualPromptModel):
     """logits = s · Î · ((1-θ)·T̂_g + θ·T̂_l)ᵀ; each text feature normalized before mixing, the mix is not."""
 
-    def text_features(self) -> torch.Tensor:
-        t = self.pair_features()
+    def text_from(self, feats: torch.Tensor) -> torch.Tensor:
+        t = super().text_from(feats)
         theta = float(self.hp.theta)
         return (1.0 - theta) * t[0] + theta * t[1]
 

@@ -114,14 +114,11 @@ class Simulator:
         t0 = time.perf_counter()
         selected = sample_clients(self.num_clients, self.frac, self.seed, t)
         self.algo.begin_round(t, selected)
-        uploads, down, train_loss = [], 0, []
-        for cid in selected:
-            payload = self.algo.client_payload(cid)
-            down += payload_bytes(payload)
-            up = self.algo.local_train(payload, self.state(cid), self.clients[cid].train)
-            if "metrics" in up:
-                train_loss.append(up["metrics"].get("train_loss", float("nan")))
-            uploads.append(up)
+        payloads = [self.algo.client_payload(cid) for cid in selected]  # server state is fixed until aggregate
+        down = sum(payload_bytes(p) for p in payloads)
+        uploads = self.algo.local_train_many(payloads, [self.state(cid) for cid in selected],
+                                             [self.clients[cid].train for cid in selected])
+        train_loss = [u["metrics"].get("train_loss", float("nan")) for u in uploads if "metrics" in u]
         up_bytes = sum(payload_bytes({k: v for k, v in u.items() if k != "metrics"}) for u in uploads)
         self.algo.aggregate(uploads)
         t_train = time.perf_counter() - t0

@@ -1,0 +1,75 @@
+"""Local SGD of one or several clients; several clients run in lockstep with their prompts in ONE text-tower call.
+
+The only irreducible per-step work of prompt learning on a frozen CLIP is the text tower's forward and backward over
+the C class prompts of the trainable prompt(s) (PFEDMOAP.md §14). For one client that is a batch of P·C sequences,
+too small to fill a GPU; ``Runtime.train_clients_per_call = k`` stacks the prompts of k clients into one batch of
+k·P·C sequences. Clients are independent: each keeps its own model, optimizer (SGD, fresh per round), private batch
+stream and DP clipping, and the summed loss Σ_i L_i has ∂/∂θ_i = ∂L_i/∂θ_i, so grouping changes only the floating-
+point blocking of the batched matmuls (|Δ| ~ 1e-7 in fp32; ``tests/test_lockstep.py``). Clients with fewer batches
+drop out of the group when their stream ends.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..federated.features import Batch, FeatureSet
+from ..privacy import clip_grad_
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import PromptAlgorithm
+
+
+def batch_stream(algo: "PromptAlgorithm", payload: Dict[str, Any], data: FeatureSet) -> Iterator[Batch]:
+    """E epochs of shuffled mini-batches from the private generator of (train seed, client, round)."""
+    from .base import make_generator
+
+    gen = make_generator(algo.rt.seed, "batches", payload["client_index"], payload["round"])
+    epochs = algo.hp.epochs if algo.hp.epochs is not None else algo.rt.local_epochs
+    for _ in range(epochs):
+        yield from data.batches(algo.rt.batch_size, gen)
+
+
+def fit_clients(algo: "PromptAlgorithm", models: Sequence[nn.Module], payloads: Sequence[Dict[str, Any]],
+                datas: Sequence[FeatureSet]) -> List[float]:
+    """SGD (momentum, weight decay; fresh optimizer per client and round) for every model in lockstep; returns each
+    client's mean training loss. One text-tower call per step for all clients that still have a batch."""
+    hp = algo.hp
+    opts = [torch.optim.SGD(m.param_groups(hp), momentum=hp.momentum, weight_decay=hp.weight_decay) for m in models]
+    streams = [batch_stream(algo, p, d) for p, d in zip(payloads, datas)]
+    pending: List[Optional[Batch]] = [next(s, None) for s in streams]
+    totals, steps = [0.0] * len(models), [0] * len(models)
+    dp = algo.dp_mechanism
+    while True:
+        active = [i for i, b in enumerate(pending) if b is not None]
+        if not active:
+            break
+        prompts = [models[i].train_prompts() for i in active]
+        if len(active) == 1:
+            feats = [algo.rt.text.features(prompts[0])]
+        else:
+            feats = list(algo.rt.text.features(torch.cat(prompts)).split([p.shape[0] for p in prompts]))
+        losses = []
+        for i, f in zip(active, feats):
+            loss = models[i].loss_from(f, pending[i])
+            extra = algo.extra_loss(models[i], payloads[i])
+            losses.append(loss if extra is None else loss + extra)
+        for i in active:
+            opts[i].zero_grad(set_to_none=True)
+        (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+        for i, loss in zip(active, losses):
+            if dp is not None:  # DP: per-step clip of each client's own prompt gradient to C_g
+                clip_grad_(models[i].ctx, dp.cfg.clip_grad)
+            algo.before_step(models[i])
+            opts[i].step()
+            totals[i] += float(loss.detach())
+            steps[i] += 1
+            pending[i] = next(streams[i], None)
+    for i, total in enumerate(totals):
+        if steps[i] and not math.isfinite(total):
+            raise FloatingPointError(
+                f"{algo.name}: non-finite training loss for client {payloads[i]['client_index']}")
+    return [t / max(1, n) for t, n in zip(totals, steps)]
