@@ -42,6 +42,7 @@ class DataArgs:
     min_size: int = 10
     clients_per_domain: int = 5
     train_augment: str = "none"  # none | online | bank:M
+    num_workers: int = 0  # online augmentation: DataLoader workers decoding/augmenting the next batches
     dataset_options: Dict[str, Any] = field(default_factory=dict)
     partition_options: Dict[str, Any] = field(default_factory=dict)  # extra partitioner kwargs (remainder, ...)
 

@@ -122,6 +122,8 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     t = cfg.train_args
     if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
         raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+    if cfg.data_args.num_workers < 0:
+        raise ConfigError(f"data_args.num_workers: expected an integer >= 0, got {cfg.data_args.num_workers}")
     if t.train_clients_per_call < 1:
         raise ConfigError(f"train_args.train_clients_per_call: expected an integer >= 1, got {t.train_clients_per_call}")
     if cfg.device_args.num_threads:

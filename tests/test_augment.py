@@ -61,6 +61,22 @@ def test_online_batches_match_explicit_encoding(tiny_backbone, tiny_ds):
     assert all(torch.equal(a.feats, b.feats) for a, b in zip(got, again))
 
 
+def test_online_worker_processes_give_identical_batches(tiny_backbone, tiny_ds):
+    """data_args.num_workers: decoding/augmentation in DataLoader workers is bit-identical to the in-process path."""
+    bb = tiny_backbone
+    aug = T.augment_transform(bb.image_size, bb.image_mean, bb.image_std)
+    base = OnlineFeatureSet(_clean(bb, tiny_ds), tiny_ds.train, torch.arange(12), bb, aug, False, "cpu")
+    runs = []
+    for workers in (0, 2):
+        fs = OnlineFeatureSet(base, tiny_ds.train, torch.arange(12), bb, aug, False, "cpu", num_workers=workers)
+        fs = fs.subset([0, 2, 3, 5, 6, 7, 9, 10, 11])
+        assert fs.num_workers == workers  # kept through subset
+        runs.append([(b.feats, b.labels) for b in fs.batches(2, torch.Generator().manual_seed(7))])
+    assert len(runs[0]) == len(runs[1]) == 4
+    for (fa, la), (fb, lb) in zip(*runs):
+        assert torch.equal(la, lb) and torch.equal(fa, fb)
+
+
 def test_bank_views_and_batches(tiny_backbone, tiny_ds, tmp_path):
     bb = tiny_backbone
     aug, desc = T.train_transform("bank:3", bb.image_size, bb.image_mean, bb.image_std)
@@ -95,3 +111,12 @@ def test_experiment_trains_with_augmentation(quick_cfg, mode):
     assert all(isinstance(c.train, cls) for c in exp.simulator.clients)
     result = exp.simulator.run()
     assert np.isfinite(result.rounds[-1]["train_loss"]) and 0.0 <= result.summary["acc_last"] <= 1.0
+
+
+def test_num_workers_is_validated(quick_cfg):
+    from fedml_pfedmoap.config import ConfigError
+    from fedml_pfedmoap.experiment import build_experiment
+
+    quick_cfg.data_args.num_workers = -1
+    with pytest.raises(ConfigError, match="data_args.num_workers"):
+        build_experiment(quick_cfg, "promptfl", progress=False)

@@ -36,39 +36,79 @@ def _order(n: int, batch_size: int, generator: torch.Generator, drop_last: bool)
     return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
 
 
+def augment_images(split: SplitData, items: torch.Tensor, transform: Callable, idx: torch.Tensor,
+                   seed: int) -> torch.Tensor:
+    """Decode and augment the items at positions ``idx`` with crops drawn from ``seed`` (global RNG restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return torch.stack([transform(split.image(int(items[i]))) for i in idx.tolist()])
+
+
+class _AugmentJobs(torch.utils.data.Dataset):
+    """One item per training batch: (positions, seed) -> augmented image tensor; run by DataLoader workers."""
+
+    def __init__(self, split: SplitData, items: torch.Tensor, transform: Callable, jobs: list) -> None:
+        self.split, self.items, self.transform, self.jobs = split, items, transform, jobs
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        idx, seed = self.jobs[k]
+        return augment_images(self.split, self.items, self.transform, idx, seed)
+
+
 class OnlineFeatureSet(FeatureSet):
-    """A split whose training batches are encoded on the fly from freshly augmented images."""
+    """A split whose training batches are encoded on the fly from freshly augmented images.
+
+    ``num_workers > 0`` (``data_args.num_workers``): JPEG decoding and augmentation of the next batches run in that
+    many DataLoader worker processes (pinned memory on CUDA, ``prefetch`` batches ahead per worker) while the image
+    tower encodes the current one. Every batch's permutation and crop seed are drawn from the batch generator before
+    the epoch starts, in the same order as the in-process path, so the batches are bit-identical for any worker count.
+    """
 
     def __init__(self, clean: FeatureSet, split: SplitData, items: torch.Tensor, backbone: ClipBackbone,
-                 transform: Callable, patches: bool, device: torch.device | str) -> None:
+                 transform: Callable, patches: bool, device: torch.device | str, num_workers: int = 0,
+                 prefetch: int = 2) -> None:
         super().__init__(clean.feats, clean.labels, clean.patches)
         self.split, self.items, self.backbone = split, items.long().cpu(), backbone
         self.transform, self.want_patches, self.device = transform, bool(patches), device
+        self.num_workers, self.prefetch = int(num_workers), int(prefetch)
 
     @torch.no_grad()
-    def encode(self, idx: torch.Tensor, seed: int) -> Batch:
-        """Augment and encode the items at positions ``idx`` with crops drawn from ``seed``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            imgs = torch.stack([self.transform(self.split.image(int(self.items[i]))) for i in idx.tolist()])
-        feats, toks = self.backbone.encode_image(imgs.to(self.device), patches=self.want_patches)
+    def encode_images(self, imgs: torch.Tensor, idx: torch.Tensor) -> Batch:
+        feats, toks = self.backbone.encode_image(imgs.to(self.device, non_blocking=True), patches=self.want_patches)
         return Batch(feats.float(), self.labels[idx.to(self.labels.device)],
                      toks.float() if toks is not None else None)
 
+    def encode(self, idx: torch.Tensor, seed: int) -> Batch:
+        """Augment and encode the items at positions ``idx`` with crops drawn from ``seed``."""
+        return self.encode_images(augment_images(self.split, self.items, self.transform, idx, seed), idx)
+
     def batches(self, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[Batch]:
-        for idx in _order(len(self), batch_size, generator, drop_last):
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            yield self.encode(idx, seed)
+        jobs = [(idx, int(torch.randint(0, 2**62, (1,), generator=generator)))
+                for idx in _order(len(self), batch_size, generator, drop_last)]
+        if self.num_workers <= 0 or len(jobs) <= 1:
+            for idx, seed in jobs:
+                yield self.encode(idx, seed)
+            return
+        loader = torch.utils.data.DataLoader(
+            _AugmentJobs(self.split, self.items, self.transform, jobs), batch_size=None,
+            num_workers=min(self.num_workers, len(jobs)), prefetch_factor=self.prefetch,
+            pin_memory=torch.device(self.device).type == "cuda")
+        for (idx, _), imgs in zip(jobs, loader):
+            yield self.encode_images(imgs, idx)
+
+    def _like(self, clean: FeatureSet, items: torch.Tensor, device: torch.device | str) -> "OnlineFeatureSet":
+        return OnlineFeatureSet(clean, self.split, items, self.backbone, self.transform, self.want_patches, device,
+                                self.num_workers, self.prefetch)
 
     def subset(self, idx: Sequence[int]) -> "OnlineFeatureSet":
         t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        clean = FeatureSet(*self._astuple(t))
-        return OnlineFeatureSet(clean, self.split, self.items[t], self.backbone, self.transform, self.want_patches,
-                                self.device)
+        return self._like(FeatureSet(*self._astuple(t)), self.items[t], self.device)
 
     def to(self, device: torch.device | str) -> "OnlineFeatureSet":
-        return OnlineFeatureSet(FeatureSet.to(self, device), self.split, self.items, self.backbone, self.transform,
-                                self.want_patches, device)
+        return self._like(FeatureSet.to(self, device), self.items, device)
 
 
 class BankFeatureSet(FeatureSet):
@@ -132,7 +172,8 @@ def augmented_train_features(res: "Resources", cfg: "Config", backbone: ClipBack
                                                        clean_desc, patches=clean_key[-1], device=device).to(device)
     clean = res.features[clean_key]
     if kind == "online":
-        return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device)
+        return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device,
+                                num_workers=cfg.data_args.num_workers)
     key = (backbone.identity, ds.fingerprint(), "train", desc, patches)
     if key not in res.features:
         views, view_patches = bank_views(cache, backbone, ds, aug, desc, m, patches, device,
