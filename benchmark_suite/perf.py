@@ -25,6 +25,7 @@ import torch
 
 from . import perf_measure
 from .perf_measure import MemorySampler, format_table, machine_info, text_benchmark, timed
+from .perf_naive import is_prompt_algorithm
 
 SCALES = {"tiny": ("tiny-clip", False), "vit-b-16": ("ViT-B-16", False), "rn50": ("RN50-quickgelu", False)}
 
@@ -55,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="opt-in: all clients' evaluation prompts in batched text calls (Runtime.batch_eval_text)")
     p.add_argument("--train-clients-per-call", type=int, default=1,
                    help="optimized path: clients trained in lockstep with their prompts in one text-tower call")
+    p.add_argument("--compare-lockstep", type=int, default=0, metavar="K",
+                   help="also re-run the optimized rounds with K clients per text call, side by side (ratio, Δstate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the text transformer (optimized path)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -147,7 +150,7 @@ class Bench:
     def build(cls, args: argparse.Namespace) -> "Bench":
         return cls(args)
 
-    def runtime(self, naive: bool):
+    def runtime(self, naive: bool, per_call: Optional[int] = None):
         from fedml_pfedmoap.algorithms.base import Runtime
         from .perf_naive import NeverHitCache
 
@@ -157,7 +160,7 @@ class Bench:
         if naive:
             return Runtime(text=self.text_naive, eval_batch_size=a.batch, cache=NeverHitCache(), **kw)
         return Runtime(text=self.text_fast, batch_eval_text=bool(a.batch_eval_text),
-                       train_clients_per_call=int(a.train_clients_per_call), **kw)
+                       train_clients_per_call=int(per_call or a.train_clients_per_call), **kw)
 
     def clients(self, naive: bool):
         from fedml_pfedmoap.federated.simulator import ClientData
@@ -166,7 +169,7 @@ class Bench:
             return [ClientData(tr, te) for tr, te in zip(self.data.train, self.data.test)]
         return [ClientData(tr, te) for tr, te in zip(self.fast_train, self.fast_test)]
 
-    def make(self, name: str, naive: bool, snap: Optional[Dict[str, Any]] = None):
+    def make(self, name: str, naive: bool, snap: Optional[Dict[str, Any]] = None, per_call: Optional[int] = None):
         """A fresh algorithm + simulator for one path, optionally restored to a snapshot (server + client states)."""
         from fedml_pfedmoap.algorithms import get_algorithm
         from fedml_pfedmoap.federated.simulator import Simulator
@@ -174,7 +177,7 @@ class Bench:
 
         cls = get_algorithm(name)
         cls = naive_algorithm(cls) if naive else cls
-        algo = cls(self.runtime(naive), algorithm_params(name, self.args.experts))
+        algo = cls(self.runtime(naive, per_call), algorithm_params(name, self.args.experts))
         sim = Simulator(algo, self.clients(naive), rounds=self.args.whole_run, frac=1.0, seed=self.args.seed,
                         progress=False)
         if snap is not None:
@@ -204,8 +207,6 @@ def _round(m: Dict[str, Any]) -> Dict[str, Any]:
 def logit_check(bench: Bench, name: str, snap: Dict[str, Any], cid: int = 0) -> Dict[str, Any]:
     """Client ``cid`` from one state: evaluation logits (scorer vs per-batch re-encoding on raw images) and training
     logits (the train-mode model's forward), optimized vs naive; max |Δlogit|."""
-    from .perf_naive import is_prompt_algorithm
-
     fast, _ = bench.make(name, naive=False, snap=snap)
     naive, _ = bench.make(name, naive=True, snap=snap)
     if not is_prompt_algorithm(fast):  # zero-shot: compare evaluation losses instead
@@ -232,6 +233,28 @@ def logit_check(bench: Bench, name: str, snap: Dict[str, Any], cid: int = 0) -> 
     return out
 
 
+def _max_abs_diff(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        return max([_max_abs_diff(a[k], b[k]) for k in a] or [0.0])
+    return 0.0
+
+
+def lockstep_rounds(bench: Bench, name: str, snap0: Dict[str, Any], fast_states: Dict[int, Dict[str, Any]],
+                    per_call: int) -> Dict[str, Any]:
+    """The optimized rounds again from the same start, ``per_call`` clients per text call (algorithms/training.py):
+    steady-round time, its ratio to the one-client-at-a-time optimized path, and max |Δ| of the final client states."""
+    algo, sim = bench.make(name, naive=False, snap=snap0, per_call=per_call)
+    rounds = []
+    for t in range(bench.args.rounds):
+        m, secs = timed(lambda: sim.run_round(t), bench.device)
+        rounds.append({**_round(m), "wall_s": secs, "cpu_s": perf_measure.LAST_CPU_S})
+    return {"lockstep_clients_per_call": per_call, "lockstep_rounds": rounds,
+            "lockstep_steady_round_s": rounds[-1]["wall_s"],
+            "lockstep_max_abs_dstate": _max_abs_diff(fast_states, sim.states)}
+
+
 def run_algorithm(bench: Bench, name: str) -> Dict[str, Any]:
     """Optimized rounds 0..R−1; naive round 0 and R−1 from the same snapshots; logits; projections."""
     a = bench.args
@@ -249,6 +272,9 @@ def run_algorithm(bench: Bench, name: str) -> Dict[str, Any]:
     steady_f = fast_rounds[last]["wall_s"]
     row["fast_steady_round_s"] = steady_f
     row["fast_whole_run_s"] = bench.extract_s + fast_rounds[0]["wall_s"] + (a.whole_run - 1) * steady_f
+    if a.compare_lockstep > 1 and is_prompt_algorithm(algo):
+        row.update(lockstep_rounds(bench, name, snaps[0], sim.states, a.compare_lockstep))
+        row["speedup_lockstep"] = steady_f / row["lockstep_steady_round_s"]
     if "naive" not in bench.modes or name not in bench.naive_for:
         return row
     naive_rounds: Dict[int, Dict[str, Any]] = {}

@@ -166,6 +166,17 @@ def attention_kernel_report(bench: Any) -> Dict[str, Any]:
             "with_mask": calls["mask"]}
 
 
+def lockstep_line(result: Dict[str, Any]) -> str:
+    """One line: optimized s/round one client per text call vs K clients per call (``--compare-lockstep K``)."""
+    rows = [r for r in result["algorithms"] if "speedup_lockstep" in r]
+    if not rows:
+        return ""
+    k = rows[0]["lockstep_clients_per_call"]
+    parts = [f"{r['algorithm']} {r['fast_steady_round_s']:.3f}→{r['lockstep_steady_round_s']:.3f} s "
+             f"({r['speedup_lockstep']:.2f}×, max |Δstate| {r['lockstep_max_abs_dstate']:.1e})" for r in rows]
+    return f"Lockstep training, {k} clients per text call vs one (steady round): " + "; ".join(parts)
+
+
 def format_table(result: Dict[str, Any]) -> str:
     """A fixed-width table: one line per algorithm."""
     s = result["settings"]
@@ -194,6 +205,8 @@ def format_table(result: Dict[str, Any]) -> str:
         lines.append(f"text fwd+bwd over C prompts: fast L={t['fast']['seq_len']} {t['fast']['fwd_bwd_s']:.4f}s "
                      f"({t['fast']['tflops_per_s']:.3f} TFLOP/s, peak {t.get('peak_tflops_per_s') or 'n/a'})"
                      + (f"; naive L={t['naive']['seq_len']} {t['naive']['fwd_bwd_s']:.4f}s" if "naive" in t else ""))
+    if lockstep_line(result):
+        lines.append(lockstep_line(result))
     return "\n".join(lines)
 
 
@@ -229,4 +242,6 @@ def markdown_table(result: Dict[str, Any]) -> str:
         if "naive" in t:
             line += f"; naive L = 77: {t['naive']['fwd_bwd_s'] * 1e3:.1f} ms"
         out += ["", line]
+    if lockstep_line(result):
+        out += ["", lockstep_line(result)]
     return "\n".join(out)

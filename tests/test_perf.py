@@ -171,7 +171,7 @@ def test_perf_cli_small_run_reports_equal_logits(tmp_path):
     algos = ",".join(a for a in ("zeroshot", "promptfl", "pfedmoap") if a in list_algorithms())
     rc = main(["perf", "--scale", "tiny", "--classes", "4", "--clients", "3", "--shots", "2", "--test", "3",
                "--batch", "2", "--experts", "2", "--rounds", "2", "--algorithms", algos, "--threads", "1",
-               "--out", str(out)])
+               "--compare-lockstep", "3", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     rows = {r["algorithm"]: r for r in res["algorithms"]}
@@ -181,6 +181,10 @@ def test_perf_cli_small_run_reports_equal_logits(tmp_path):
         assert r["speedup_steady"] > 0 and r["peak_rss_mb"] > 0 and r["acc_equal"]
         if name != "zeroshot":
             assert r["max_abs_dlogit"] <= 1e-4
+            assert r["lockstep_clients_per_call"] == 3 and r["lockstep_max_abs_dstate"] <= 1e-5
+            assert len(r["lockstep_rounds"]) == 2 and r["speedup_lockstep"] > 0
+        else:
+            assert "lockstep_rounds" not in r  # nothing is trained
     assert res["text"]["fast"]["seq_len"] < res["text"]["naive"]["seq_len"] == 77
     assert res["text"]["attention"]["uses_sdpa"]
 
