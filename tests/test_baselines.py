@@ -189,8 +189,23 @@ def test_fedotp_rejects_bad_settings(rt):
         get_algorithm("fedotp")(rt, {"ot_method": "emd"})
     with pytest.raises(ValueError, match="unknown key"):
         get_algorithm("fedotp")(rt, {"epsilon": 0.1})
-    with pytest.raises(ValueError, match="round0_all_clients"):
-        get_algorithm("fedpgp")(rt, {"round0_all_clients": True})
+
+
+@pytest.mark.parametrize("name", ["fedotp", "fedpgp"])
+def test_round0_all_clients_parity_schedule(rt, name):
+    """BASELINES.md §4: with the flag every client trains in round 0, then the shared `frac` schedule resumes; the
+    default follows the shared schedule from round 0."""
+    from fedml_pfedmoap.federated.simulator import ClientData, Simulator, sample_clients
+
+    clients = [ClientData(random_set(rt, 4, seed=40 + i), random_set(rt, 3, seed=50 + i)) for i in range(4)]
+    for flag in (False, True):
+        algo = get_algorithm(name)(rt, {"round0_all_clients": flag})
+        sim = Simulator(algo, clients, rounds=2, frac=0.5, seed=3, progress=False)
+        assert sim.run_round(0)["participants"] == (4 if flag else 2)
+        trained = {c for c in range(4) if any(not torch.equal(sim.states[c][k], algo._local_init()[k])
+                                              for k in algo.local_keys)}  # private prompt moved away from the init
+        assert trained == (set(range(4)) if flag else set(sample_clients(4, 0.5, 3, 0)))
+        assert sim.run_round(1)["participants"] == 2
 
 
 def test_fedotp_nonfinite_raise_names_client_round_and_batch(rt):

@@ -138,6 +138,10 @@ class Algorithm:
     def init_server(self) -> None:
         self.round = 0
 
+    def participants(self, round_idx: int, sampled: Sequence[int], num_clients: int) -> List[int]:
+        """The round's participants given the shared schedule's sample (a parity flag may override it)."""
+        return list(sampled)
+
     def begin_round(self, round_idx: int, selected: Sequence[int]) -> None:
         self.round = int(round_idx)
 

@@ -9,7 +9,7 @@ a given train seed) and never uploaded. A never-trained client is evaluated with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Tuple
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +22,7 @@ from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, normal_prom
 class PersonalParams(PromptParams):
     """Shared-schedule flag of the personalized baselines (BASELINES.md §4: ``round0_all_clients``)."""
 
-    round0_all_clients: bool = False  # the references train every client in round 0; not implemented here
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.round0_all_clients:
-            raise ValueError("algorithm_args.<algo>.round0_all_clients: not implemented in this version; the suite "
-                             "uses the shared participation schedule (expected false)")
+    round0_all_clients: bool = False  # reference parity: every client trains in round 0, then `frac` is sampled
 
 
 class PersonalPromptAlgorithm(PromptAlgorithm):
@@ -48,6 +42,12 @@ class PersonalPromptAlgorithm(PromptAlgorithm):
 
     def init_client_state(self, client_id: int) -> Dict[str, Any]:
         return {k: v.clone() for k, v in self._local_init().items()}
+
+    def participants(self, round_idx: int, sampled: Sequence[int], num_clients: int) -> List[int]:
+        """``round0_all_clients`` (BASELINES.md §4, the FedOTP/FedPGP references): all clients in round 0."""
+        if self.hp.round0_all_clients and round_idx == 0:
+            return list(range(num_clients))
+        return list(sampled)
 
     def build_model(self, payload: Dict[str, Any], state: Dict[str, Any], train: bool) -> nn.Module:
         init = self._local_init()

@@ -112,7 +112,8 @@ class Simulator:
 
     def run_round(self, t: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        selected = sample_clients(self.num_clients, self.frac, self.seed, t)
+        sampled = sample_clients(self.num_clients, self.frac, self.seed, t)
+        selected = self.algo.participants(t, sampled, self.num_clients)
         self.algo.begin_round(t, selected)
         payloads = [self.algo.client_payload(cid) for cid in selected]  # server state is fixed until aggregate
         down = sum(payload_bytes(p) for p in payloads)
