@@ -43,6 +43,7 @@ class DataArgs:
     clients_per_domain: int = 5
     train_augment: str = "none"  # none | online | bank:M
     num_workers: int = 0  # online augmentation: DataLoader workers decoding/augmenting the next batches
+    cifar_transform: str = "clip"  # clip | legacy (D11 parity: CIFAR mean/std, then resize; CIFAR only)
     dataset_options: Dict[str, Any] = field(default_factory=dict)
     partition_options: Dict[str, Any] = field(default_factory=dict)  # extra partitioner kwargs (remainder, ...)
 

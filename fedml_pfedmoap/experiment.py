@@ -19,7 +19,7 @@ from .clip.prompt import TextEncoder
 from .config import Config, ConfigError, resolve_pretrained
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
-from .data.transforms import test_transform, train_transform
+from .data.transforms import cifar_legacy_transform, test_transform, train_transform
 from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
 
@@ -82,7 +82,9 @@ class Resources:
             from .federated.augment import augmented_train_features
 
             return augmented_train_features(self, cfg, backbone, ds, patches or lazy_patches, device)
-        if split == "train":
+        if cfg.data_args.cifar_transform == "legacy":  # D11 parity, both splits (validated in build_experiment)
+            fn, desc = cifar_legacy_transform(cfg.data_args.dataset, size)
+        elif split == "train":
             fn, desc = train_transform(cfg.data_args.train_augment, size, backbone.image_mean, backbone.image_std)
         else:
             fn, desc = test_transform(size, backbone.image_mean, backbone.image_std)
@@ -109,6 +111,16 @@ class Experiment:
     simulator: Simulator
 
 
+def check_cifar_transform(cfg: Config) -> None:
+    """``data_args.cifar_transform``: clip (default, the fix of D11) | legacy (CIFAR-10/100 only, no augmentation)."""
+    d = cfg.data_args
+    if d.cifar_transform not in ("clip", "legacy"):
+        raise ConfigError(f"data_args.cifar_transform: expected 'clip' or 'legacy', got {d.cifar_transform!r}")
+    if d.cifar_transform == "legacy" and (d.dataset not in ("cifar10", "cifar100") or d.train_augment != "none"):
+        raise ConfigError("data_args.cifar_transform: 'legacy' reproduces the reference's CIFAR-10/100 transform "
+                          f"(no augmentation); got dataset {d.dataset!r} with train_augment {d.train_augment!r}")
+
+
 def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optional[int] = None,
                      resources: Optional[Resources] = None, progress: bool = True) -> Experiment:
     """Everything a run needs; fails before any training on a bad algorithm, model, dataset or partition."""
@@ -122,6 +134,7 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     t = cfg.train_args
     if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
         raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+    check_cifar_transform(cfg)
     if cfg.data_args.num_workers < 0:
         raise ConfigError(f"data_args.num_workers: expected an integer >= 0, got {cfg.data_args.num_workers}")
     if t.train_clients_per_call < 1:

@@ -1,4 +1,6 @@
 """Training augmentation feature paths (DATA.md §6): ``online`` and ``bank:M`` (federated/augment.py)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,40 @@ def test_num_workers_is_validated(quick_cfg):
     quick_cfg.data_args.num_workers = -1
     with pytest.raises(ConfigError, match="data_args.num_workers"):
         build_experiment(quick_cfg, "promptfl", progress=False)
+
+
+def test_cifar_legacy_transform_wired_into_features(tmp_path, tiny_backbone, quick_cfg):
+    """data_args.cifar_transform: legacy (D11 parity): both splits are encoded after to-tensor -> CIFAR mean/std ->
+    resize of the normalized tensor; the default (clip) features differ and have their own cache key."""
+    import fixtures_data as FD
+    import torch.nn.functional as Fn
+    from fedml_pfedmoap.config import ConfigError
+    from fedml_pfedmoap.experiment import Resources, build_experiment, check_cifar_transform
+
+    FD.make_cifar(tmp_path / "data", "cifar10")
+    quick_cfg.data_args.dataset, quick_cfg.data_args.data_root = "cifar10", str(tmp_path / "data")
+    quick_cfg.data_args.cifar_transform = "legacy"
+    check_cifar_transform(quick_cfg)
+    res = Resources()
+    ds = res.dataset(quick_cfg)
+    got = res.split_features(quick_cfg, tiny_backbone, ds, "test", False, torch.device("cpu"))
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(3, 1, 1)
+    size = tiny_backbone.image_size
+    ref = []
+    for i in range(len(ds.test)):
+        x = torch.from_numpy(np.asarray(ds.test.image(i))).permute(2, 0, 1).float() / 255.0
+        x = Fn.interpolate(((x - mean) / std)[None], size=(size, size), mode="bilinear", antialias=True,
+                           align_corners=False)
+        ref.append(tiny_backbone.encode_image(x)[0])
+    torch.testing.assert_close(got.feats, torch.cat(ref).float(), atol=1e-5, rtol=1e-5)
+    quick_cfg.data_args.cifar_transform = "clip"
+    clip = res.split_features(quick_cfg, tiny_backbone, ds, "test", False, torch.device("cpu"))
+    assert not torch.allclose(clip.feats, got.feats, atol=1e-3)
+    for bad in ({"cifar_transform": "cifar"}, {"cifar_transform": "legacy", "dataset": "digits"},
+                {"cifar_transform": "legacy", "train_augment": "online"}):
+        cfg = copy.deepcopy(quick_cfg)
+        for k, v in bad.items():
+            setattr(cfg.data_args, k, v)
+        with pytest.raises(ConfigError, match="data_args.cifar_transform"):
+            build_experiment(cfg, "promptfl", progress=False)
