@@ -73,9 +73,10 @@ for precision in ("fp32", "bf16"):
               result.summary, flush=True)
         json.dump({"gpu": torch.cuda.get_device_name(0) if cuda else None, "runs": rows}, open(out, "w"), indent=1, default=str)
 PY
-# 6. lockstep training: the 10 clients' prompts in one text-tower call per step (optimized path; compare with step 2)
+# 6. lockstep training: optimized rounds with one client per text call, then again with all 10 clients' prompts in one
+#    text-tower call per step, side by side in one process (speed-up and max |Δstate|)
 step lockstep_c100 45 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --modes fast \
-  --algorithms promptfl,fedprox,fedpgp,promptfolio,fedotp,pfedmoap --train-clients-per-call 10 \
+  --algorithms promptfl,fedprox,fedpgp,promptfolio,fedotp,pfedmoap --compare-lockstep 10 \
   --out "$OUT/gpu_vitb16_c100_lockstep10.json"
 # 7. optional: torch.compile of the text transformer (pFedMoAP only; compilation time included in round 0)
 step compile_c100 60 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --algorithms pfedmoap --modes fast \
