@@ -155,6 +155,12 @@ def test_adapters_match_simulator_with_clients_moving_between_workers(tmp_path):
                                           tmp_path / "run", run_tag="t")
     workers = [PersonalizedClientTrainer(None, ns, cli_exp.algorithm, cli_exp.simulator.clients, tmp_path / "state", k + 1)
                for k in range(3)]
+    from fedml_pfedmoap.algorithms import get_algorithm
+
+    for name, params in (("pfedmoap", {"pool_snapshot": "live"}), ("fedotp", {"round0_all_clients": True})):
+        with pytest.raises(ValueError, match=list(params)[0]):  # simulator-only parity switches, named
+            PersonalizedServerAggregator(None, ns, get_algorithm(name)(srv_exp.algorithm.rt, params), 4, 3, 3, 0, 1,
+                                         RoundLogger(pc.cfg, "y"), tmp_path / "run2", run_tag="u")
     downloads, served = server.get_model_params(), {}
     assert set(downloads) == {0, 1, 2, 3}  # an entry for every client
     for r in range(4):  # 3 training rounds + the evaluation round

@@ -221,6 +221,46 @@ def test_evaluation_paths(rt):
     assert abs(r0.loss - plain(states[0]["ctx"])) > 1e-4
 
 
+def test_live_pool_parity_sees_same_round_uploads(rt):
+    """pool_snapshot: live (D2 parity): in round 1 client 1's download holds client 0's round-1 upload (the default
+    round-start snapshot holds its round-0 prompt); each participant is evaluated with exactly the experts it got."""
+    from fedml_pfedmoap.federated.simulator import ClientData, Simulator
+
+    clients = [ClientData(data(c, 8), data(10 + c, 6)) for c in range(3)]
+    sims = {}
+    for mode in ("round_start", "live"):
+        algo = get_algorithm("pfedmoap")(rt, {"num_experts": 3, "pool_snapshot": mode})
+        sims[mode] = Simulator(algo, clients, rounds=2, progress=False)
+        sims[mode].run_round(0)
+        before = {c: sims[mode].algo.pool[c]["prompt"].clone() for c in range(3)}  # round-0 uploads
+        algo.begin_round(1, [0, 1, 2])
+        p0 = algo.client_payload(0)
+        up0 = algo.local_train(p0, sims[mode].state(0), clients[0].train)
+        algo.observe_upload(up0)
+        p1 = algo.client_payload(1)
+        got = p1["experts"][p1["expert_ids"].index(0)]
+        if mode == "live":
+            assert p1["expert_rounds"][p1["expert_ids"].index(0)] == 1 and torch.equal(got, up0["prompt"])
+            assert algo.sequential
+        else:
+            assert p1["expert_rounds"] == [0, 0] and torch.equal(got, before[0])
+            assert not algo.sequential
+        ev = algo.eval_payload(1)
+        assert ev["expert_ids"] == p1["expert_ids"] and torch.equal(ev["experts"], p1["experts"])
+        ev0 = algo.eval_payload(0)
+        assert torch.equal(ev0["experts"], p0["experts"])  # client 0 keeps what it downloaded
+    # through the simulator: a sequential loop, and results differ from the round-start default
+    for mode in ("round_start", "live"):
+        sims[mode] = Simulator(get_algorithm("pfedmoap")(rt, {"num_experts": 3, "pool_snapshot": mode}), clients,
+                               rounds=2, progress=False)
+        sims[mode].run_round(0)
+        sims[mode].run_round(1)
+    assert torch.equal(sims["live"].states[0]["ctx"], sims["round_start"].states[0]["ctx"])  # client 0: same pool
+    assert not torch.equal(sims["live"].states[2]["ctx"], sims["round_start"].states[2]["ctx"])
+    with pytest.raises(ValueError, match="pool_snapshot"):
+        get_algorithm("pfedmoap")(rt, {"pool_snapshot": "stale"})
+
+
 def test_checkpoint_resume_reproduces_next_round(rt):
     clients = [ClientData(data(c), data(c + 50, 12)) for c in range(5)]
 

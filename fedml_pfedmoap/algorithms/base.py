@@ -138,6 +138,11 @@ class Algorithm:
     def init_server(self) -> None:
         self.round = 0
 
+    sequential: ClassVar[bool] = False  # True: a download may depend on earlier uploads of the same round
+
+    def observe_upload(self, upload: Dict[str, Any]) -> None:
+        """Called after each participant's upload when ``sequential`` (before ``aggregate``); no-op by default."""
+
     def participants(self, round_idx: int, sampled: Sequence[int], num_clients: int) -> List[int]:
         """The round's participants given the shared schedule's sample (a parity flag may override it)."""
         return list(sampled)

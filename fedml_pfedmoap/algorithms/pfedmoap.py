@@ -13,7 +13,8 @@ logits = λ·s·cos(Î, T̂L) + s·⟨P(Î), T_MoE⟩, keeps θ_i by client inde
 
 Ablations (paper Tables 6–9, Figs. 4–5): ``lam`` (alias ``lambda``; 0 drops the local term), ``gating: linear``,
 ``gate_aggregation: fedavg``, ``num_experts`` (K+1), ``d_gating``, ``expert_selection: random`` (the released code's
-fixed random order, D1), ``uniform_gate`` (diagnostic), and ``dp`` (PromptParams, PFEDMOAP.md §9).
+fixed random order, D1), ``pool_snapshot: live`` (D2 parity, in-process simulator only: each download sees the uploads
+of earlier participants of the same round), ``uniform_gate`` (diagnostic), and ``dp`` (PromptParams, PFEDMOAP.md §9).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class PFedMoAPParams(PromptParams):
     gating: str = "attention"  # attention | linear
     gate_aggregation: str = "local"  # local | fedavg
     expert_selection: str = "knn"  # knn | random (legacy_fixed_permutation)
+    pool_snapshot: str = "round_start"  # round_start | live (D2 parity: later clients see same-round uploads)
     uniform_gate: bool = False
 
     def __post_init__(self) -> None:
@@ -72,6 +74,8 @@ class PFedMoAPParams(PromptParams):
             raise ValueError(f"{where}.expert_selection: expected one of {sorted(SELECTIONS)}, "
                              f"got {self.expert_selection!r}")
         self.expert_selection = SELECTIONS[self.expert_selection]
+        if self.pool_snapshot not in ("round_start", "live"):
+            raise ValueError(f"{where}.pool_snapshot: expected 'round_start' or 'live', got {self.pool_snapshot!r}")
         if float(self.scaling) <= 0 or float(self.gate_lr) < 0:
             raise ValueError(f"{where}: expected scaling > 0 and gate_lr >= 0, got {self.scaling}, {self.gate_lr}")
         self.lam, self.num_experts, self.heads = float(self.lam), int(self.num_experts), int(self.heads)
@@ -149,6 +153,7 @@ class PFedMoAP(PromptAlgorithm):
         self.pool: Dict[int, Dict[str, Any]] = {}  # client -> {"prompt", "n", "round"} (latest upload)
         self.snapshot: Dict[int, Dict[str, Any]] = {}  # the pool at the start of the current round
         self.trained_with: Dict[int, List[int]] = {}  # this round's participants -> their expert ids
+        self.sent: Dict[int, Dict[int, Dict[str, Any]]] = {}  # live mode: the pool entries each participant got
         perm = torch.randperm(self.rt.num_clients, generator=make_generator(self.rt.seed, "expert-permutation"))
         self.permutation: List[int] = perm.tolist()
         self.global_gate: Optional[Dict[str, torch.Tensor]] = None
@@ -158,8 +163,25 @@ class PFedMoAP(PromptAlgorithm):
     def begin_round(self, round_idx: int, selected: Sequence[int]) -> None:
         super().begin_round(round_idx, selected)
         self.snapshot = dict(self.pool)  # entries are replaced, never mutated, so a shallow copy freezes it
-        self.trained_with = {int(i): self.select_experts(int(i), self.snapshot) for i in selected}
+        self.sent = {}
+        self.trained_with = {} if self.sequential else \
+            {int(i): self.select_experts(int(i), self.snapshot) for i in selected}
         self._evict_expert_cache()
+
+    @property
+    def sequential(self) -> bool:
+        """``pool_snapshot: live`` (D2 parity, in-process simulator only): each participant's download is built after
+        the previous participants' uploads entered the pool, as in the released code's sequential loop."""
+        return self.hp.pool_snapshot == "live"
+
+    def observe_upload(self, upload: Dict[str, Any]) -> None:
+        if self.sequential:
+            self._pool_add(upload)
+
+    def _pool_add(self, u: Dict[str, Any]) -> None:
+        if "prompt" in u:
+            self.pool[int(u["client_index"])] = {"prompt": u["prompt"].detach().cpu().clone(), "n": int(u["n"]),
+                                                 "round": self.round}
 
     def select_experts(self, client_id: int, pool: Dict[int, Dict[str, Any]]) -> List[int]:
         """KNN(i, 𝒫): the K nearest other entries by ‖𝒫[i] − 𝒫[j]‖_F (ties: lower id); ∅ if i is not in 𝒫."""
@@ -184,6 +206,10 @@ class PFedMoAP(PromptAlgorithm):
         return payload
 
     def client_payload(self, client_id: int) -> Dict[str, Any]:
+        if self.sequential:  # the live pool, frozen per participant for its evaluation
+            ids = self.trained_with[client_id] = self.select_experts(client_id, self.pool)
+            self.sent[client_id] = {j: self.pool[j] for j in ids}
+            return self._payload(client_id, ids, self.sent[client_id])
         ids = self.trained_with.get(client_id)
         if ids is None:
             ids = self.select_experts(client_id, self.snapshot)
@@ -192,15 +218,13 @@ class PFedMoAP(PromptAlgorithm):
     def eval_payload(self, client_id: int) -> Dict[str, Any]:
         """Participants: the experts they trained with; others: KNN over the end-of-round pool (PFEDMOAP.md §8)."""
         if client_id in self.trained_with:
-            return self._payload(client_id, self.trained_with[client_id], self.snapshot)
+            return self._payload(client_id, self.trained_with[client_id], self.sent.get(client_id, self.snapshot))
         return self._payload(client_id, self.select_experts(client_id, self.pool), self.pool)
 
     def aggregate(self, uploads: List[Dict[str, Any]]) -> None:
         super().aggregate(uploads)  # P_g <- FedAvg over this round's participants
         for u in uploads:
-            if "prompt" in u:
-                self.pool[int(u["client_index"])] = {"prompt": u["prompt"].detach().cpu().clone(), "n": int(u["n"]),
-                                                     "round": self.round}
+            self._pool_add(u)
         gates = [u for u in uploads if "gate" in u]
         if self.global_gate is not None and gates:
             self.global_gate = {k: fedavg([u["gate"][k] for u in gates], [u["n"] for u in gates])

@@ -115,10 +115,17 @@ class Simulator:
         sampled = sample_clients(self.num_clients, self.frac, self.seed, t)
         selected = self.algo.participants(t, sampled, self.num_clients)
         self.algo.begin_round(t, selected)
-        payloads = [self.algo.client_payload(cid) for cid in selected]  # server state is fixed until aggregate
+        if self.algo.sequential:  # e.g. pFedMoAP's live pool (D2 parity): download i sees uploads 0..i-1
+            payloads, uploads = [], []
+            for cid in selected:
+                payloads.append(self.algo.client_payload(cid))
+                uploads += self.algo.local_train_many(payloads[-1:], [self.state(cid)], [self.clients[cid].train])
+                self.algo.observe_upload(uploads[-1])
+        else:  # the server state is fixed until aggregate: all downloads first, then (possibly lockstep) training
+            payloads = [self.algo.client_payload(cid) for cid in selected]
+            uploads = self.algo.local_train_many(payloads, [self.state(cid) for cid in selected],
+                                                 [self.clients[cid].train for cid in selected])
         down = sum(payload_bytes(p) for p in payloads)
-        uploads = self.algo.local_train_many(payloads, [self.state(cid) for cid in selected],
-                                             [self.clients[cid].train for cid in selected])
         train_loss = [u["metrics"].get("train_loss", float("nan")) for u in uploads if "metrics" in u]
         up_bytes = sum(payload_bytes({k: v for k, v in u.items() if k != "metrics"}) for u in uploads)
         self.algo.aggregate(uploads)

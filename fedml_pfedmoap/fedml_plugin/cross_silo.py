@@ -74,6 +74,9 @@ class PersonalizedServerAggregator(ServerAggregator):
         self.out.write_text("")
         self.round = 0  # the FedML round whose uploads are awaited
         self.selection: List[int] = sample_clients(self.n, self.frac, self.seed, 0)
+        if algo.sequential:
+            raise ValueError(f"algorithm_args.{algo.name}.pool_snapshot: 'live' needs the in-process simulator (each "
+                             "download depends on earlier uploads of the same round); expected round_start")
         if len(algo.participants(0, self.selection, self.n)) != len(self.selection):
             raise ValueError(f"algorithm_args.{algo.name}.round0_all_clients: supported by the simulator engine only "
                              f"(cross-silo runs client_num_per_round = {per_round} workers per round); expected false")
