@@ -179,6 +179,10 @@ def _coerce(section: str, key: str, value: Any, default: Any, ftype: Any) -> Any
             return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{section}.{key}: expected a number, got {value!r}") from None
+    if (tname in ("str", "<class 'str'>", "Optional[str]") or isinstance(default, str)) and \
+            isinstance(value, (dict, list)):
+        raise ConfigError(f"{section}.{key}: expected a string, got a {type(value).__name__} {value!r} "
+                          "(YAML reads 'a: b' inside a value as a mapping: quote the whole value)")
     if "Optional[int]" in tname and isinstance(value, (str, float)):
         try:
             return int(value)

@@ -29,6 +29,11 @@ def test_strict_booleans_and_numbers():
     assert from_dict({"device_args": {"using_gpu": "false"}}).device_args.using_gpu is False
     with pytest.raises(ConfigError, match="train_args.comm_round: expected a number"):
         from_dict({"train_args": {"comm_round": "ten"}})
+    with pytest.raises(ConfigError, match="benchmark_args.caution: expected a string, got a dict"):
+        from_dict({"benchmark_args": {"caution": {"mini CLIP": "not CLIP"}}})  # an unquoted 'a: b' value
+    with pytest.raises(ConfigError, match="data_args.dataset: expected a string"):
+        from_dict({"data_args": {"dataset": ["digits"]}})
+    assert from_dict({"benchmark_args": {"caution": "mini CLIP: not CLIP"}}).benchmark_args.caution == "mini CLIP: not CLIP"
 
 
 def test_unknown_algorithm_param(quick_cfg):
