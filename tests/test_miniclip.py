@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from open_clip import create_model
+
 from fedml_pfedmoap.clip.backbone import load_clip
 from fedml_pfedmoap.config import ConfigError, load_config, resolve_pretrained
 from fedml_pfedmoap.miniclip import (MODEL_NAME, PACKAGED, Captioner, Recipe, checkpoint_metadata,
@@ -33,9 +35,17 @@ def test_packaged_checkpoint_is_small_current_and_loads_like_any_clip():
     bb = load_clip(MODEL_NAME, pretrained=path)  # the same route as a real CLIP checkpoint
     from safetensors.torch import load_file
 
-    state = load_file(path)
+    state = load_file(path)  # compact format: every tensor but the token table, plus its trained rows
     for key, value in bb.model.state_dict().items():
-        assert torch.equal(value, state[key].to(value.dtype)), key
+        if key != "token_embedding.weight":
+            assert torch.equal(value, state[key].to(value.dtype)), key
+    table, ids = bb.model.token_embedding.weight, state["token_embedding.ids"]
+    assert torch.equal(table[ids], state["token_embedding.rows"].float()) and 0 < len(ids) < 2000
+    torch.manual_seed(Recipe().seed)  # every other row is open_clip's seeded init, rounded to fp16
+    init = create_model(MODEL_NAME).token_embedding.weight.detach().half().float()
+    rest = torch.ones(len(table), dtype=torch.bool)
+    rest[ids] = False
+    assert torch.equal(table[rest], init[rest])
     assert bb.identity.startswith("mini-clip|sha256:")
     assert bb.image_size == 32 and bb.embed_dim == 128
 

@@ -170,8 +170,14 @@ def load_clip(name: str, pretrained: Optional[str] = None, device: str | torch.d
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth"))):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"model_args.pretrained: checkpoint file {pretrained!r} does not exist")
-    with warnings.catch_warnings():
+    from .compact import is_compact, quiet_init, read_state
+
+    packed = bool(pretrained) and Path(pretrained).is_file() and is_compact(pretrained)
+    with (quiet_init() if packed else warnings.catch_warnings()):
         warnings.simplefilter("ignore")
-        model = oc.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=force_quick_gelu)
+        model = oc.create_model(name, pretrained=None if packed else pretrained, device=device,
+                                force_quick_gelu=force_quick_gelu)
+    if packed:  # compact safetensors (clip/compact.py): expanded exactly, then loaded strictly
+        model.load_state_dict(read_state(pretrained))
     logger.info("loaded %s (pretrained=%s)", name, pretrained)
     return ClipBackbone(model, name, pretrained).to(device)
