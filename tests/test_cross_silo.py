@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedml_helpers import MPIEXEC, PY, Procs, child_env, free_ports, grpc_csv, mlflow_metric, write_config
-from test_fedml_plugin import deep_equal
+from tree_compare import deep_equal
 
 from fedml_pfedmoap.fedml_plugin.config import load_plugin_config
 

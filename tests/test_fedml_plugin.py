@@ -13,27 +13,11 @@ import torch
 import yaml
 
 from fedml_helpers import PY, ROOT, Procs, child_env, mlflow_metric, write_config
+from tree_compare import deep_equal
 
 from fedml_pfedmoap.config import ConfigError
 from fedml_pfedmoap.fedml_plugin.config import (ALGORITHM_KEY, config_from_namespace, load_plugin_config,
                                                 to_fedml_namespace)
-
-
-def deep_equal(a, b, where="state"):
-    """Recursive comparison: tensors allclose (1e-6), everything else ==; the message names the first difference."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
-        assert torch.allclose(a.float().cpu(), b.float().cpu(), atol=1e-6, rtol=1e-5), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            deep_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            deep_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ---- config ------------------------------------------------------------------------------------------------------

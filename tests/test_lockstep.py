@@ -14,6 +14,7 @@ from fedml_pfedmoap.algorithms import get_algorithm
 from fedml_pfedmoap.algorithms.base import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator
+from tree_compare import deep_equal
 
 ALGOS = ["promptfl", "fedprox", "local", "fedotp", "fedpgp", "promptfolio", "pfedmoap"]
 TRAIN_SIZES = [6, 4, 6, 3]  # batch 2 (drop_last), 2 epochs: 6/4/6/2 steps: clients leave a group at different steps
@@ -44,21 +45,6 @@ def _run(tiny_backbone, clients, name, per_call, params=None):
     return sim, calls
 
 
-def _assert_tree_close(a, b, where):
-    if isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-5, msg=lambda m: f"{where}: {m}")
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_tree_close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_close(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.parametrize("name", ALGOS)
 def test_lockstep_equals_one_client_at_a_time(tiny_backbone, clients, name):
     seq, seq_calls = _run(tiny_backbone, clients, name, 1)
@@ -67,8 +53,8 @@ def test_lockstep_equals_one_client_at_a_time(tiny_backbone, clients, name):
         assert a["acc_mean"] == b["acc_mean"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], abs=1e-5)
-    _assert_tree_close(seq.states, lock.states, "client states")
-    _assert_tree_close(seq.algo.server_state(), lock.algo.server_state(), "server state")
+    deep_equal(seq.states, lock.states, "client states", atol=1e-5)
+    deep_equal(seq.algo.server_state(), lock.algo.server_state(), "server state", atol=1e-5)
     # fewer, larger text calls: a step of the group {0,1,2} encodes 3·P prompts at once
     assert len(lock_calls) < len(seq_calls)
     p = seq.algo.build_model(seq.algo.client_payload(0), seq.state(0), train=True).train_prompts().shape[0]
@@ -94,7 +80,7 @@ def test_lockstep_with_dp_equals_sequential(tiny_backbone, clients):
     params = {"dp": {"epsilon": 5.0, "clip_grad": 0.5}}
     seq, _ = _run(tiny_backbone, clients, "promptfl", 1, copy.deepcopy(params))
     lock, _ = _run(tiny_backbone, clients, "promptfl", 4, copy.deepcopy(params))
-    _assert_tree_close(seq.algo.server_state(), lock.algo.server_state(), "server state")
+    deep_equal(seq.algo.server_state(), lock.algo.server_state(), "server state", atol=1e-5)
     assert [r["dp_sigma"] for r in seq.result.rounds] == [r["dp_sigma"] for r in lock.result.rounds]
 
 
