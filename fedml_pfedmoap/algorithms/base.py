@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
@@ -27,7 +26,7 @@ from torch import nn
 from ..clip.backbone import ClipBackbone
 from ..clip.prompt import TextEncoder
 from ..federated.features import Batch, FeatureSet
-from ..privacy import DPConfig, GaussianUploadMechanism, clip_grad_
+from ..privacy import DPConfig, GaussianUploadMechanism
 from ..registry import Registry
 from .training import fit_clients
 

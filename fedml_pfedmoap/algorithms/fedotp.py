@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..federated.features import Batch, FeatureSet
+from ..federated.features import Batch
 from ..ot import METHODS, NONFINITE_MODES, transport_similarity
 from .base import Runtime, normal_prompt, register_algorithm
 from .promptfolio import DualPromptModel, PersonalParams, PersonalPromptAlgorithm
