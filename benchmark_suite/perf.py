@@ -10,7 +10,7 @@ For every algorithm, in ONE process (so ratios are measured side by side under t
 4. text-tower fwd+bwd over all C prompts is timed alone: achieved TFLOP/s against the device's peak.
 
 The whole-run figure (``--whole-run`` rounds, default 10) is round 0 + (R−1)·steady-state (+ the extraction for the
-optimized path), from the measured rounds. Cost model: PFEDMOAP.md §14.
+optimized path), from the measured rounds. Cost model: docs/performance.md.
 """
 from __future__ import annotations
 

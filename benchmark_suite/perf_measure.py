@@ -1,5 +1,5 @@
 """Measurement helpers of ``pfedmoap-bench perf``: timing, peak memory, text-tower FLOPs and TFLOP/s, SDPA check,
-and the stdout table. Cost model: PFEDMOAP.md §14."""
+and the stdout table. Cost model: docs/performance.md."""
 from __future__ import annotations
 
 import os
@@ -41,7 +41,7 @@ def peak_tflops(device: torch.device, precision: str) -> Optional[float]:
 
 
 def text_flops(model: torch.nn.Module, length: int, prompts: int, backward: bool = True) -> float:
-    """FLOPs of the CoOp text path on ``prompts`` sequences of ``length`` tokens (1 MAC = 2 FLOPs, PFEDMOAP.md §14).
+    """FLOPs of the CoOp text path on ``prompts`` sequences of ``length`` tokens (1 MAC = 2 FLOPs, docs/performance.md).
 
     Per layer and token: QKV + output projections 4W² MACs, MLP 2·r·W² MACs, attention scores and mixing 2·L·W MACs;
     plus the EOT projection W·D. Frozen weights: backward computes activation gradients only (≈ 1× forward).

@@ -1,6 +1,6 @@
 """The *naive* reference path of ``pfedmoap-bench perf``: what the released pFedMoAP/FedOTP code does per round.
 
-The SAME algorithm modules run in both modes; only what they are handed differs (PFEDMOAP.md §14, D14):
+The SAME algorithm modules run in both modes; only what they are handed differs (docs/performance.md; defect D14):
 
 * ``RawImageSet`` — a ``FeatureSet`` holding raw uint8 images: every training step and every test batch runs the
   frozen image tower (normalize -> ``encode_image``), instead of reading cached features;

@@ -1,6 +1,6 @@
 """``python -m fedml_pfedmoap --cf config.yaml``: run a FedML config with this package's algorithms.
 
-The same command serves every FedML mode the config names (FEDML_AND_STACK.md §6–7):
+The same command serves every FedML mode the config names (docs/fedml.md §Stack notes):
 
 * ``training_type: simulation`` — the in-process loop behind ``FedMLRunner(algorithm_flow=...)``;
 * ``training_type: cross_silo``, ``backend: MPI`` — ``mpiexec -n <workers+1> python -m fedml_pfedmoap --cf cfg.yaml``;

@@ -1,4 +1,4 @@
-"""Atomic round-boundary checkpoints of a simulated run, for resuming a benchmark cell (FEDML_AND_STACK.md §5).
+"""Atomic round-boundary checkpoints of a simulated run, for resuming a benchmark cell (docs/fedml.md §Stack notes).
 
 A checkpoint holds the server state (``algorithm.server_state()``), every client's persistent state
 (``Simulator.states``), the RNG states (torch, numpy, Python), the next round index, the accumulated ``RunResult``

@@ -1,4 +1,4 @@
-"""Typed configuration in FedML-style YAML sections (FEDML_AND_STACK.md §6).
+"""Typed configuration in FedML-style YAML sections (docs/fedml.md §Stack notes).
 
 Every section is a dataclass with defaults; unknown sections or keys fail before any work with the list of valid
 keys. Keys are unique across sections, because ``fedml.init`` flattens all sections into one namespace.

@@ -1,4 +1,4 @@
-"""pFedMoAP's per-client gating networks (Luo, Chen, Wu, ICLR 2025, arXiv 2410.10114, §4.2; PFEDMOAP.md §5).
+"""pFedMoAP's per-client gating networks (Luo, Chen, Wu, ICLR 2025, arXiv 2410.10114, §4.2; docs/algorithms.md).
 
 * ``pool_features``: the strided sub-sampling P(z) = z[..., ::r], r = D/d_g, of already L2-normalized features (no
   averaging, no re-normalization).
@@ -50,7 +50,7 @@ def _default_linear_init_(layer: nn.Linear, generator: Optional[torch.Generator]
 
 
 class AttentionGate(nn.Module):
-    """Multi-head attention gate of PFEDMOAP.md §5 (``uniform=True``: every expert weighted 1/(K+1), a diagnostic).
+    """Multi-head attention gate of docs/algorithms.md (``uniform=True``: every expert weighted 1/(K+1), a diagnostic).
 
     Parameters
     ----------
@@ -59,7 +59,7 @@ class AttentionGate(nn.Module):
     heads : int
         Number of heads (8); d must be divisible by it.
     scale : float
-        Score multiplier (10, replicated from the released code: D8 in PFEDMOAP.md §13).
+        Score multiplier (10, replicated from the released code: docs/algorithms.md, defect D8).
     generator : torch.Generator, optional
         Private generator for the default ``Linear`` init.
     uniform : bool
@@ -113,7 +113,7 @@ class LinearGate(nn.Module):
 
 def build_gate(kind: str, d: int, num_experts: int, heads: int = 8, scale: float = 10.0,
                generator: Optional[torch.Generator] = None, uniform: bool = False) -> nn.Module:
-    """``attention`` (default, §5) or ``linear`` (Table 7 ablation)."""
+    """``attention`` (default) or ``linear`` (Table 7 ablation)."""
     if kind == "attention":
         return AttentionGate(d, heads, scale, generator, uniform)
     if kind == "linear":
@@ -123,7 +123,7 @@ def build_gate(kind: str, d: int, num_experts: int, heads: int = 8, scale: float
 
 def moe_logits(img: torch.Tensor, local_text: torch.Tensor, experts: Optional[torch.Tensor], gate: Optional[nn.Module],
                scale: torch.Tensor, lam: float, d_gating: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """PFEDMOAP.md §6 on normalized features: λ·s·Î T̂Lᵀ + s·⟨P(Î), T_MoE⟩, or s·Î T̂Lᵀ without experts.
+    """docs/algorithms.md §pFedMoAP on normalized features: λ·s·Î T̂Lᵀ + s·⟨P(Î), T_MoE⟩, or s·Î T̂Lᵀ without experts.
 
     img (B,D), local_text (C,D), experts (K,C,D) normalized and frozen; returns (logits (B,C), attention or None).
     """

@@ -1,4 +1,4 @@
-"""The mini CLIP: a small open_clip model contrastively pretrained offline by this package (DATA.md §7).
+"""The mini CLIP: a small open_clip model contrastively pretrained offline by this package (docs/data.md §Offline sets).
 
 Random weights leave CLIP's two towers unaligned, so zero-shot is at chance and prompt learning has nothing to adapt.
 This module builds a miniature of the real setting that runs on a laptop CPU:

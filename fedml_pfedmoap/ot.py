@@ -1,4 +1,4 @@
-"""Batched entropic optimal transport for FedOTP (Li et al., CVPR 2024; BASELINES.md §4).
+"""Batched entropic optimal transport for FedOTP (Li et al., CVPR 2024; docs/algorithms.md §FedOTP).
 
 ``entropic_ot(cost, eps, ...)`` solves many small problems at once: ``cost`` has shape ``(..., M, N)`` (one problem
 per leading index, e.g. images × classes), the kernel is ``K = exp(-(C - min C)/ε)`` and the plan is

@@ -1,4 +1,4 @@
-"""Differential privacy for uploaded prompts (pFedMoAP paper, ICLR 2025, App. C.2 / Table 6; PFEDMOAP.md §9).
+"""Differential privacy for uploaded prompts (pFedMoAP paper, ICLR 2025, App. C.2 / Table 6; docs/privacy.md).
 
 The paper clips prompt gradients and adds noise to the uploaded prompts with δ = 0.05 but states no noise type, clip
 norm, σ or accounting. The calibration chosen here (documented in docs/privacy.md):
@@ -111,7 +111,7 @@ def clip_grad_(param: torch.Tensor, max_norm: float) -> float:
 
 
 class GaussianUploadMechanism:
-    """Applies PFEDMOAP.md §9 to one client's upload: clip the round update, add N(0, σ²I), report σ and norms."""
+    """Applies docs/privacy.md to one client's upload: clip the round update, add N(0, σ²I), report σ and norms."""
 
     def __init__(self, cfg: DPConfig, lr: float, momentum: float, rounds: Optional[int]) -> None:
         if cfg.accounting == "run" and not rounds:

@@ -1,4 +1,4 @@
-"""Tiny fake dataset trees in the users' real on-disk layouts (DATA.md §8), for the loader and partition tests.
+"""Tiny fake dataset trees in the users' real on-disk layouts (docs/data.md), for the loader and partition tests.
 
 Every image is a small solid-colour JPEG whose colour encodes its label (``label_color``/``decode_label``), so a test
 can check path–label alignment through the pixels. Each ``make_*`` returns a ``Manifest``: the expected class names in

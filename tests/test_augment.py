@@ -1,4 +1,4 @@
-"""Training augmentation feature paths (DATA.md §6): ``online`` and ``bank:M`` (federated/augment.py)."""
+"""Training augmentation feature paths (docs/data.md): ``online`` and ``bank:M`` (federated/augment.py)."""
 import copy
 
 import numpy as np

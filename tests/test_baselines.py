@@ -1,5 +1,5 @@
 """FedProx, FedOTP, FedPGP and PromptFolio: formulas against hand-written computations, upload contents, short runs
-through build_experiment, and the patch-token paths of the image tower (BASELINES.md §3-§6)."""
+through build_experiment, and the patch-token paths of the image tower (docs/algorithms.md §Methods)."""
 import math
 
 import pytest
@@ -193,7 +193,7 @@ def test_fedotp_rejects_bad_settings(rt):
 
 @pytest.mark.parametrize("name", ["fedotp", "fedpgp"])
 def test_round0_all_clients_parity_schedule(rt, name):
-    """BASELINES.md §4: with the flag every client trains in round 0, then the shared `frac` schedule resumes; the
+    """docs/algorithms.md: with the flag every client trains in round 0, then the shared `frac` schedule resumes; the
     default follows the shared schedule from round 0."""
     from fedml_pfedmoap.federated.simulator import ClientData, Simulator, sample_clients
 

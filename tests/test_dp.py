@@ -1,4 +1,4 @@
-"""Differential privacy of uploaded prompts (PFEDMOAP.md §9): clipping, σ calibration, noise, ε = ∞, logging."""
+"""Differential privacy of uploaded prompts (docs/privacy.md): clipping, σ calibration, noise, ε = ∞, logging."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""pFedMoAP gate (PFEDMOAP.md §5–6) against hand-written per-class / per-head loops."""
+"""pFedMoAP gate (docs/algorithms.md §pFedMoAP) against hand-written per-class / per-head loops."""
 import math
 
 import pytest

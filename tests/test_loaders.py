@@ -1,4 +1,4 @@
-"""The nine on-disk loaders over tiny fake trees in the users' real layouts (DATA.md §2, §5, §8)."""
+"""The nine on-disk loaders over tiny fake trees in the users' real layouts (docs/data.md)."""
 import os
 import subprocess
 import sys
@@ -143,7 +143,7 @@ def test_imagefolder_layout_split_saved(tmp_path, name):
 
 
 def test_domain_class_order_independent_of_hash_seed(tmp_path):
-    """D10 regression: the class list is the fixed §1 order in every process, whatever PYTHONHASHSEED."""
+    """D10 regression: the class list is the fixed order of docs/data.md in every process, whatever PYTHONHASHSEED."""
     code = ("from fedml_pfedmoap.data.loaders.domains import DOMAINNET, OFFICE;"
             "from fedml_pfedmoap.data.base import build_dataset;import sys;"
             "ds = build_dataset('office_caltech10', sys.argv[1]);"

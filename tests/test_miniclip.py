@@ -1,4 +1,4 @@
-"""The mini CLIP world (DATA.md §7): the packaged checkpoint, its pretraining, and effects that can fail for real.
+"""The mini CLIP world (docs/data.md): the packaged checkpoint, its pretraining, and effects that can fail for real.
 
 The quality tests run the quickstart's world (mini CLIP on scikit-learn digits, 5 clients) with small budgets and
 compare methods at the same seed: prompt learning beats zero-shot; pFedMoAP with experts beats pFedMoAP without

@@ -9,7 +9,7 @@ from fedml_pfedmoap.ot import OTNumericalError, entropic_ot, transport_similarit
 
 
 def reference_ot(cost, eps, method="cot", gamma=1.0, thresh=1e-3, max_iter=100, shift=True):
-    """Slow reference: FedOTP's iteration written with explicit loops in float64 (BASELINES.md §4).
+    """Slow reference: FedOTP's iteration written with explicit loops in float64 (docs/algorithms.md §FedOTP).
 
     All problems iterate together and stop when the mean |change| over the whole batch is below ``thresh``.
     Returns (plan as a nested numpy array (P, M, N), iterations).

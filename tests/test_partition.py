@@ -1,4 +1,4 @@
-"""Partitions (DATA.md §3–4): the three schemes against hand-written loops, legacy modes, files and hashes."""
+"""Partitions (docs/data.md): the three schemes against hand-written loops, legacy modes, files and hashes."""
 import json
 import random
 import sys
@@ -87,7 +87,7 @@ def test_pathological_few_images_takes_all_and_warns(caplog):
 
 # ------------------------------------------------------------------------------------------------------ dirichlet
 def reference_dirichlet(tr, te, n, beta, min_size, seed):
-    """DATA.md §3.2 written as explicit loops, drawing from default_rng(seed) in the documented order."""
+    """docs/data.md written as explicit loops, drawing from default_rng(seed) in the documented order."""
     rng = np.random.default_rng(seed)
     while True:
         train, test = [[] for _ in range(n)], [[] for _ in range(n)]
@@ -303,7 +303,7 @@ def test_partition_command_writes_png(tmp_path, capsys):
 
 # -------------------------------------------------------------------------------------------------------- configs
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# PFEDMOAP.md §11 (paper Table 5): clients, clients per round, rounds, shots, partition, backbone
+# docs/algorithms.md §Paper settings (paper Table 5): clients, clients per round, rounds, shots, partition, backbone
 FEW_SHOT = (10, 10, 10, 16, "pathological", "RN50")
 PAPER = {"caltech101": FEW_SHOT, "oxford_flowers": FEW_SHOT, "oxford_pets": FEW_SHOT, "food101": FEW_SHOT,
          "dtd": FEW_SHOT, "cifar10": (100, 10, 120, None, "dirichlet", "RN50"),

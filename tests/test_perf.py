@@ -1,4 +1,4 @@
-"""Each optimized path equals the naive one it replaces (PFEDMOAP.md §14); no timing assertions.
+"""Each optimized path equals the naive one it replaces (docs/performance.md); no timing assertions.
 
 References are written here as explicit loops (one image / one prompt at a time) on the tiny random-init CLIP.
 """

@@ -1,4 +1,4 @@
-"""pFedMoAP (PFEDMOAP.md §6–8): model vs hand-written loops, gradients, server KNN/snapshot, client state, variants."""
+"""pFedMoAP (docs/algorithms.md): model vs hand-written loops, gradients, server KNN/snapshot, client state, variants."""
 import copy
 
 import pytest

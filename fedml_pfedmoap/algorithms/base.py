@@ -45,7 +45,7 @@ def make_generator(*parts: Any) -> torch.Generator:
 
 
 def normal_prompt(shape: Sequence[int], *parts: Any, std: float = 0.02) -> torch.Tensor:
-    """CoOp init: i.i.d. N(0, std²) from a private generator (PFEDMOAP.md §4)."""
+    """CoOp init: i.i.d. N(0, std²) from a private generator (docs/algorithms.md §Shared setting)."""
     return torch.randn(*shape, generator=make_generator(*parts)) * std
 
 
@@ -100,13 +100,13 @@ class EvalResult:
 
 @dataclass
 class PromptParams:
-    """Hyperparameters every prompt method shares (PFEDMOAP.md §10)."""
+    """Hyperparameters every prompt method shares (docs/algorithms.md §Shared defaults)."""
 
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: Optional[int] = None  # None -> the run's local epochs E
-    # differential privacy of the uploaded prompt (PFEDMOAP.md §9; see fedml_pfedmoap/privacy.py and docs/privacy.md):
+    # differential privacy of the uploaded prompt (see fedml_pfedmoap/privacy.py and docs/privacy.md):
     # {epsilon, delta: 0.05, clip_grad: 1.0, clip_update: auto, accounting: run|release}; None -> off
     dp: Optional[Any] = None
 
@@ -317,7 +317,7 @@ class PromptAlgorithm(Algorithm):
 
     @property
     def dp_mechanism(self) -> Optional[GaussianUploadMechanism]:
-        """The upload mechanism when ``dp`` is configured (PFEDMOAP.md §9), else None."""
+        """The upload mechanism when ``dp`` is configured (docs/privacy.md), else None."""
         cfg = DPConfig.parse(getattr(self.hp, "dp", None), f"algorithm_args.{self.name}.dp")
         if cfg is None or not self.uploads_prompt:
             return None

@@ -1,5 +1,5 @@
 """FedOTP (Li et al., "Global and Local Prompts Cooperation via Optimal Transport for Federated Learning", CVPR 2024;
-BASELINES.md §4).
+docs/algorithms.md §FedOTP).
 
 Each client holds a global prompt (``ctx``, FedAvg-averaged) and a private local prompt (``local_ctx``), giving text
 features t ∈ R^{2×C×D} from one batched text-encoder call. For image b and class c, with normalized projected patch

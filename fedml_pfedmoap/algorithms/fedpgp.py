@@ -1,5 +1,5 @@
 """FedPGP (Cui et al., "Harmonizing Generalization and Personalization in Federated Prompt Learning", ICML 2024;
-BASELINES.md §5).
+docs/algorithms.md §FedPGP).
 
 The prompt is ctx = σ + U·V: σ (n_ctx, W) is global and FedAvg-averaged, U (n_ctx, r) and V (r, W) are a private
 low-rank part (rank r = 8), all initialized N(0, 0.02²). Local loss:

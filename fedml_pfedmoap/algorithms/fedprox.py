@@ -1,5 +1,5 @@
 """PromptFL + FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020, arXiv:1812.06127;
-BASELINES.md §3).
+docs/algorithms.md §PromptFL+FedProx).
 
 Identical to PromptFL except for the local loss, which adds the proximal term (μ/2)·‖ctx − ctx_global‖², where
 ``ctx_global`` is the prompt the client downloaded this round (a constant).

@@ -1,6 +1,6 @@
 """pFedMoAP: Mixture of Experts Made Personalized: Federated Prompt Learning for Vision-Language Models.
 
-J. Luo, C. Chen, S. Wu, ICLR 2025 (arXiv 2410.10114); implemented as /spec PFEDMOAP.md defines it.
+J. Luo, C. Chen, S. Wu, ICLR 2025 (arXiv 2410.10114); specified in docs/algorithms.md §pFedMoAP.
 
 Server: FedAvg of the uploaded prompts (the global prompt P_g) plus a pool of every client's latest upload. At the start
 of round t the pool is frozen (snapshot 𝒫_{t−1}); each selected client receives P_g and the prompts of its K nearest
@@ -14,7 +14,7 @@ logits = λ·s·cos(Î, T̂L) + s·⟨P(Î), T_MoE⟩, keeps θ_i by client inde
 Ablations (paper Tables 6–9, Figs. 4–5): ``lam`` (alias ``lambda``; 0 drops the local term), ``gating: linear``,
 ``gate_aggregation: fedavg``, ``num_experts`` (K+1), ``d_gating``, ``expert_selection: random`` (the released code's
 fixed random order, D1), ``pool_snapshot: live`` (D2 parity, in-process simulator only: each download sees the uploads
-of earlier participants of the same round), ``uniform_gate`` (diagnostic), and ``dp`` (PromptParams, PFEDMOAP.md §9).
+of earlier participants of the same round), ``uniform_gate`` (diagnostic), and ``dp`` (PromptParams, docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ SELECTIONS = {"knn": "knn", "random": "random", "legacy_fixed_permutation": "ran
 
 @dataclass
 class PFedMoAPParams(PromptParams):
-    """PFEDMOAP.md §10 defaults; ``lr`` is the prompt's learning rate, ``gate_lr`` the gate's."""
+    """Defaults of docs/algorithms.md §pFedMoAP; ``lr`` is the prompt's learning rate, ``gate_lr`` the gate's."""
 
     lam: float = 0.5
     num_experts: int = 10  # K + 1 (counts the local expert)
@@ -84,7 +84,7 @@ class PFedMoAPParams(PromptParams):
 
 
 class MoAPModel(CoOpModel):
-    """CoOp prompt + optional private gate over frozen, normalized expert text features (K,C,D) (PFEDMOAP.md §6)."""
+    """CoOp prompt + optional private gate over frozen, normalized expert text features (K,C,D) (docs/algorithms.md)."""
 
     def __init__(self, rt: Runtime, ctx: torch.Tensor, gate: Optional[nn.Module] = None,
                  experts: Optional[torch.Tensor] = None, lam: float = 0.5, d_gating: int = 128) -> None:
@@ -143,7 +143,7 @@ class PFedMoAP(PromptAlgorithm):
         return super().parse_params(params)
 
     def new_gate(self, client_id: Any) -> nn.Module:
-        """PyTorch-default init from the private generator (train seed, client index) (PFEDMOAP.md §5)."""
+        """PyTorch-default init from the private generator (train seed, client index) (docs/algorithms.md §pFedMoAP)."""
         return build_gate(self.hp.gating, self.d_gating, self.hp.num_experts, self.hp.heads, self.hp.scaling,
                           make_generator(self.rt.seed, "gate-init", client_id), self.hp.uniform_gate)
 
@@ -216,7 +216,7 @@ class PFedMoAP(PromptAlgorithm):
         return self._payload(client_id, ids, self.snapshot)
 
     def eval_payload(self, client_id: int) -> Dict[str, Any]:
-        """Participants: the experts they trained with; others: KNN over the end-of-round pool (PFEDMOAP.md §8)."""
+        """Participants: the experts they trained with; others: KNN over the end-of-round pool (docs/algorithms.md)."""
         if client_id in self.trained_with:
             return self._payload(client_id, self.trained_with[client_id], self.sent.get(client_id, self.snapshot))
         return self._payload(client_id, self.select_experts(client_id, self.pool), self.pool)

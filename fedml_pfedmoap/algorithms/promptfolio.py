@@ -1,5 +1,5 @@
 """PromptFolio (Pan et al., "Federated Learning from Vision-Language Foundation Models: Theoretical Analysis and
-Method", NeurIPS 2024; BASELINES.md §6), plus the global/private split shared by FedOTP and FedPGP.
+Method", NeurIPS 2024; docs/algorithms.md §PromptFolio), plus the global/private split shared by FedOTP and FedPGP.
 
 ``PersonalPromptAlgorithm`` is PromptFL whose model has one **global** part, the parameter ``ctx`` (downloaded,
 uploaded, FedAvg-averaged by the base class, and the only tensor a DP hook ever sees), and **private** parts named by
@@ -20,7 +20,7 @@ from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, normal_prom
 
 @dataclass
 class PersonalParams(PromptParams):
-    """Shared-schedule flag of the personalized baselines (BASELINES.md §4: ``round0_all_clients``)."""
+    """Shared-schedule flag of the personalized baselines (docs/algorithms.md: ``round0_all_clients``)."""
 
     round0_all_clients: bool = False  # reference parity: every client trains in round 0, then `frac` is sampled
 
@@ -44,7 +44,7 @@ class PersonalPromptAlgorithm(PromptAlgorithm):
         return {k: v.clone() for k, v in self._local_init().items()}
 
     def participants(self, round_idx: int, sampled: Sequence[int], num_clients: int) -> List[int]:
-        """``round0_all_clients`` (BASELINES.md §4, the FedOTP/FedPGP references): all clients in round 0."""
+        """``round0_all_clients`` (docs/algorithms.md §FedOTP, the FedOTP/FedPGP references): all clients in round 0."""
         if self.hp.round0_all_clients and round_idx == 0:
             return list(range(num_clients))
         return list(sampled)

@@ -1,7 +1,7 @@
 """Local SGD of one or several clients; several clients run in lockstep with their prompts in ONE text-tower call.
 
 The only irreducible per-step work of prompt learning on a frozen CLIP is the text tower's forward and backward over
-the C class prompts of the trainable prompt(s) (PFEDMOAP.md §14). For one client that is a batch of P·C sequences,
+the C class prompts of the trainable prompt(s) (docs/performance.md). For one client that is a batch of P·C sequences,
 too small to fill a GPU; ``Runtime.train_clients_per_call = k`` stacks the prompts of k clients into one batch of
 k·P·C sequences. Clients are independent: each keeps its own model, optimizer (SGD, fresh per round), private batch
 stream and DP clipping, and the summed loss Σ_i L_i has ∂/∂θ_i = ∂L_i/∂θ_i, so grouping changes only the floating-

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP (Radford et al., ICML 2021) with the dataset's hand-crafted template (BASELINES.md §1)."""
+"""Zero-shot CLIP (Radford et al., ICML 2021) with the dataset's hand-crafted template (docs/algorithms.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,7 +3,7 @@
 ``load_clip(name, pretrained)`` accepts any open_clip model name (``open_clip.list_models()``) plus the configs shipped in
 ``fedml_pfedmoap/model_configs`` (``tiny-clip``, random init, for tests). ``pretrained`` is ``None`` (random init), an
 open_clip tag such as ``openai`` (downloads; needs internet) or a local checkpoint path (state dict, ``.safetensors``
-or ``{"state_dict": ...}``). The model is frozen and kept in eval mode (PFEDMOAP.md §3).
+or ``{"state_dict": ...}``). The model is frozen and kept in eval mode (docs/algorithms.md §Shared setting).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _open_clip():
 
 def with_autocast(fn):
     """Run a frozen-tower method under ``torch.autocast(dtype=self.autocast_dtype)`` (bf16 frozen towers with fp32
-    trainable parameters, PFEDMOAP.md §3); a no-op when ``autocast_dtype`` is None (the default, exact fp32)."""
+    trainable parameters, docs/algorithms.md); a no-op when ``autocast_dtype`` is None (the default, exact fp32)."""
 
     @functools.wraps(fn)
     def wrapper(self, x: torch.Tensor, *args, **kwargs):
@@ -143,7 +143,7 @@ def attention_pool_all_queries(pool: nn.Module, x: torch.Tensor) -> torch.Tensor
     """CLIP's ResNet attention pool with **all** 1+H·W positions as queries (FedOTP's RN50 local features).
 
     ``x`` is the last feature map (B,C,H,W); returns (B, 1+H·W, D): position 0 (the mean-token query) equals the
-    stock pooled output, positions 1.. are the M = H·W projected patch features (BASELINES.md §4).
+    stock pooled output, positions 1.. are the M = H·W projected patch features (docs/algorithms.md §FedOTP).
     """
     x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)

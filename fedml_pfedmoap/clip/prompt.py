@@ -1,4 +1,4 @@
-"""The CoOp text path on a frozen open_clip text tower (Zhou et al., IJCV 2022; PFEDMOAP.md §4).
+"""The CoOp text path on a frozen open_clip text tower (Zhou et al., IJCV 2022; docs/algorithms.md §Shared setting).
 
 ``TextEncoder`` tokenizes ``"X X ... X {name}."`` once per class list, keeps the frozen SOT embedding (prefix) and the
 class-name/EOT/padding embeddings (suffix), and maps learnable context tensors ``ctx`` of shape ``(..., n_ctx, W)``
@@ -6,7 +6,7 @@ to text features ``(..., C, D)``: prefix + ctx + suffix -> + positional -> causa
 -> text_projection, exactly like ``encode_text``.
 
 Exact fast path: the transformer is causal, so tokens after the EOT never influence it; every sequence is truncated to
-``L* = max EOT position + 1`` across the classes (FEDML_AND_STACK.md §9). Several prompts (experts, FedOTP's pair)
+``L* = max EOT position + 1`` across the classes (docs/performance.md). Several prompts (experts, FedOTP's pair)
 are encoded in one batched call.
 """
 from __future__ import annotations

@@ -98,7 +98,7 @@ class ImageDataset:
     test_domains: Optional[np.ndarray] = None
     domain_names: List[str] = field(default_factory=list)
     # where the train/test split comes from when it is not the dataset's own canonical one (e.g. "torchvision",
-    # "stratified-<hash>"); part of the partition hash (DATA.md §2.3, §4). Empty: the canonical split.
+    # "stratified-<hash>"); part of the partition hash (docs/data.md §Layouts, §Partitions). Empty: the canonical split.
     split_source: str = ""
 
     @property

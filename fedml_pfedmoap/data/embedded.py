@@ -1,4 +1,4 @@
-"""Real labelled image sets that install offline with the package (DATA.md §7), behind the dataset interface.
+"""Real labelled image sets that install offline with the package (docs/data.md), behind the dataset interface.
 
 * ``digits``: scikit-learn's 1,797 8×8 digits (class names "zero" … "nine"), a seeded stratified 2/3–1/3 split;
 * ``animal_shapes``: animal-shape-mnist's 10,000 28×28 silhouettes of 10 named animals; ``part`` selects the

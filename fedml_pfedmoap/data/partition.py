@@ -1,4 +1,4 @@
-"""Federated partitions with private generators, saved as hash-named JSON files (DATA.md §3–4).
+"""Federated partitions with private generators, saved as hash-named JSON files (docs/data.md §Partitions).
 
 Schemes (``PARTITIONERS``): ``pathological`` (few-shot, class-disjoint; the last client takes the remainder),
 ``dirichlet`` (Hsu et al. 2019 label skew, train and test cut with the same proportions) and ``domain_dirichlet``
@@ -53,7 +53,7 @@ class Partition:
 
 def class_groups(order: Sequence[int], num_clients: int, remainder: str = "last", rounding: str = "half_up"
                  ) -> List[List[int]]:
-    """Split a shuffled class list into client groups (DATA.md §3.1).
+    """Split a shuffled class list into client groups (docs/data.md §Partition rules).
 
     ``remainder: last`` (the paper's rule): cpu = round(C/N) classes per client and the last client takes positions
     [(N-1)·cpu, C); a configuration whose last client would get nothing is rejected. ``remainder: spread``: every
@@ -227,7 +227,7 @@ def stratified_holdout(labels: np.ndarray, test_fraction: float, seed: int, val_
 
 def saved_holdout(dataset: str, keys: Sequence[str], labels: np.ndarray, test_fraction: float, seed: int,
                   out_dir: str | Path | None = None, val_fraction: float = 0.0) -> Tuple[np.ndarray, np.ndarray, str]:
-    """A seeded stratified train/test split of an unsplit item list (DATA.md §2.2), saved like a partition.
+    """A seeded stratified train/test split of an unsplit item list (docs/data.md §Layouts), saved like a partition.
 
     The file ``out_dir/<dataset>/holdout-<hash12>.json`` is named by a hash of the item list, fractions and seed; an
     existing file is reused. Returns (train indices, test indices, hash12).

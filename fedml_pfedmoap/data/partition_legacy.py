@@ -1,4 +1,4 @@
-"""Legacy partitions that reproduce the reference code's fixed split seeds (DATA.md §3.4), for parity runs only.
+"""Legacy partitions that reproduce the reference code's fixed split seeds (docs/data.md), for parity runs only.
 
 None of them touches global RNG state: each builds a private ``random.Random`` / ``numpy.random.RandomState``
 seeded exactly as the reference seeded the global one, and replays the reference's call order.

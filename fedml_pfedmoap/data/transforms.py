@@ -1,4 +1,4 @@
-"""Image transforms (DATA.md §6): CLIP normalization; deterministic test transform; train augmentation modes.
+"""Image transforms (docs/data.md): CLIP normalization; deterministic test transform; train augmentation modes.
 
 ``train_augment``: ``none`` (the test transform, so cached features serve training too), ``online``
 (RandomResizedCrop(size, scale 0.08–1, bicubic) + horizontal flip, encoded every step) and ``bank:M`` (M precomputed
@@ -13,7 +13,7 @@ from torchvision import transforms as T
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# the constants of the reference's code lineage for its CIFAR quirk (DATA.md §6; confirm before claiming parity)
+# the constants of the reference's code lineage for its CIFAR quirk (docs/data.md; confirm before claiming parity)
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
                "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 

@@ -1,4 +1,4 @@
-"""Training features under image augmentation (DATA.md §6): ``train_augment: online`` and ``bank:M``.
+"""Training features under image augmentation (docs/data.md §Preprocessing): ``train_augment: online`` and ``bank:M``.
 
 With augmentation the frozen image tower no longer sees a fixed image, so training batches cannot come from one
 cached feature matrix:

@@ -1,4 +1,4 @@
-"""Per-client views of frozen image features, and the on-disk feature cache (PFEDMOAP.md §14).
+"""Per-client views of frozen image features, and the on-disk feature cache (docs/performance.md).
 
 The image tower is frozen, so with a deterministic transform each image is encoded once per experiment grid: features
 are cached on disk under a key that hashes (model identity, dataset fingerprint, split, transform, patch tokens).
@@ -181,7 +181,7 @@ def _to_featureset(arrays: dict) -> FeatureSet:
                       patches)
 
 
-# ---- patch-token cache sizing and on-the-fly patch tokens (FedOTP; BASELINES.md §4 "Cost") --------------------------
+# ---- patch-token cache sizing and on-the-fly patch tokens (FedOTP; docs/algorithms.md; docs/performance.md) ------------
 
 def patch_cache_bytes(num_images: int, num_patches: int, dim: int, bytes_per_value: int = 4) -> int:
     """Bytes to hold patch tokens for ``num_images`` images in memory: N × M × D × 4 (fp32).

@@ -1,4 +1,4 @@
-"""Per-round metrics over clients and run summaries (PFEDMOAP.md §8)."""
+"""Per-round metrics over clients and run summaries (docs/algorithms.md §Evaluation)."""
 from __future__ import annotations
 
 import math

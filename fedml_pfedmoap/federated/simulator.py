@@ -1,4 +1,4 @@
-"""The in-process federated loop every algorithm runs through (FEDML_AND_STACK.md §5).
+"""The in-process federated loop every algorithm runs through (docs/fedml.md §Stack notes).
 
 One frozen backbone is shared; per-client state dicts are kept by client index across rounds; every round the server
 half of the algorithm produces a payload per selected client (payloads may differ), the client half trains and

@@ -1,4 +1,4 @@
-"""FedML YAML / args namespace <-> the suite's typed ``Config`` (FEDML_AND_STACK.md §6).
+"""FedML YAML / args namespace <-> the suite's typed ``Config`` (docs/fedml.md §Stack notes).
 
 A FedML user's YAML uses the same sections as the suite (``common_args``, ``data_args``, ``model_args``,
 ``train_args``, ``device_args``, ``comm_args``, ``tracking_args``, ``algorithm_args``). On top of the suite's keys it may

@@ -1,4 +1,4 @@
-"""FedML cross-silo adapters around the framework-free algorithm protocol (FEDML_AND_STACK.md §3–4).
+"""FedML cross-silo adapters around the framework-free algorithm protocol (docs/fedml.md §Stack notes).
 
 ``PersonalizedServerAggregator`` drives the server half (``init_server``/``begin_round``/``client_payload``/
 ``aggregate``/``eval_payload``) and ``PersonalizedClientTrainer`` the client half (``init_client_state``/``local_train``/

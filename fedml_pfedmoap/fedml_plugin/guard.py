@@ -1,4 +1,4 @@
-"""Keep FedML 0.9.6 offline and inside a directory the config controls (FEDML_AND_STACK.md §2).
+"""Keep FedML 0.9.6 offline and inside a directory the config controls (docs/fedml.md §Stack notes).
 
 * ``isolate_home(dir)``: FedML writes ``~/.fedml/...`` (env file, device id, traces) and ``./logs``; pointing ``HOME`` at
   ``<dir>/home`` keeps those files out of the user's home. The user's caches stay reachable (``XDG_CACHE_HOME``,

@@ -1,4 +1,4 @@
-"""Server-side MLflow logging for the FedML paths: one writer per run (FEDML_AND_STACK.md §7 "Tracking").
+"""Server-side MLflow logging for the FedML paths: one writer per run (docs/fedml.md §Stack notes).
 
 FedML has no MLflow support and its own tracking needs an account, so the FedML server (cross-silo aggregator) or the
 simulation flow logs through the suite's ``fedml_pfedmoap.tracking.MlflowLogger`` — the same metric names and URI

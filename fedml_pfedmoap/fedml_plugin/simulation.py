@@ -1,4 +1,4 @@
-"""Simulation through FedML's entry point (FEDML_AND_STACK.md §3 ``algorithm_flow``, §5).
+"""Simulation through FedML's entry point (docs/fedml.md §Stack notes).
 
 FedML's single-process simulator builds its own trainer and ignores custom aggregation, so it cannot run a personalized
 method. ``FedMLRunner`` accepts any object with ``.run()`` as ``algorithm_flow`` and simply calls it: this module hands

@@ -1,4 +1,4 @@
-"""Per-client state on disk, keyed by client index (FEDML_AND_STACK.md §4, "Worker ≠ client").
+"""Per-client state on disk, keyed by client index (docs/fedml.md §Stack notes).
 
 With partial participation one FedML worker serves different clients over the rounds, and a client can move between
 worker processes, so the client half's state (local prompt, pFedMoAP's private gate θ_i, flags) cannot live in the

@@ -1,4 +1,4 @@
-"""Round timeouts for cross-silo processes: nobody waits forever for a dead peer (FEDML_AND_STACK.md §4 "Failure mode").
+"""Round timeouts for cross-silo processes: nobody waits forever for a dead peer (docs/fedml.md §Stack notes).
 
 FedML 0.9.6 has no timeouts: if a client dies the server waits forever, and if the server dies the clients do. Every
 process of this plugin runs a ``RoundWatchdog``: it knows which ranks it is waiting for (the server: every worker; a

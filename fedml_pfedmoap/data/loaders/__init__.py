@@ -1,4 +1,4 @@
-"""On-disk loaders for the nine benchmark datasets (DATA.md §1–2); importing this package registers them.
+"""On-disk loaders for the nine benchmark datasets (docs/data.md §Layouts); importing this package registers them.
 
 ``caltech101``, ``oxford_flowers``, ``oxford_pets``, ``food101``, ``dtd`` (``coop``: CoOp split JSON, or
 ``torchvision`` layouts), ``cifar10``, ``cifar100`` (``torchvision`` pickles), ``domainnet``, ``office_caltech10``

@@ -1,4 +1,4 @@
-"""CIFAR-10 and CIFAR-100 from torchvision's python-pickle layout (``download=False``; DATA.md §2.3).
+"""CIFAR-10 and CIFAR-100 from torchvision's python-pickle layout (``download=False``; docs/data.md §Layouts).
 
 ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`` and ``<root>/cifar-100-python/{train, test,
 meta}``. Labels and class names are torchvision's (the pickles' own). CIFAR-100 items also carry their super-class

@@ -1,4 +1,4 @@
-"""Layout probing shared by the on-disk loaders (DATA.md §2): find a dataset under ``root`` without downloading.
+"""Layout probing shared by the on-disk loaders (docs/data.md): find a dataset under ``root`` without downloading.
 
 A loader declares, per layout, a reader ``fn(probe) -> ImageDataset``. A reader raises ``LayoutAbsent`` when the
 layout's marker files are not there (``auto`` then tries the next layout), and ``DatasetError`` when the layout is

@@ -1,6 +1,6 @@
 """The five few-shot CLIP datasets (CoOp, Zhou et al. 2022) from the CoOp layout or the torchvision layout.
 
-CoOp layout (DATA.md §2.1): ``<root>/<folder>/split_zhou_<Name>.json`` holds ``{"train"|"val"|"test": [[relpath,
+CoOp layout (docs/data.md): ``<root>/<folder>/split_zhou_<Name>.json`` holds ``{"train"|"val"|"test": [[relpath,
 label, classname], ...]}`` with paths relative to the image folder; labels and class names come from that file. The
 image folder may also be a torchvision tree (same archive file names), or ``image_root``. Folder spellings vary between
 codebases (``caltech-101`` in CoOp's docs, ``caltech101`` in pFedMoAP/FedOTP), so every spelling is tried.

@@ -1,11 +1,11 @@
 """DomainNet (FedBN 10-class subset, 6 domains) and Office-Caltech10 (4 domains): feature-shift datasets.
 
-Layouts (DATA.md §2.2): ``fedbn``: ``{site}_train.pkl`` / ``{site}_test.pkl`` per domain in ``DomainNet/`` or
+Layouts (docs/data.md §Layouts): ``fedbn``: ``{site}_train.pkl`` / ``{site}_test.pkl`` per domain in ``DomainNet/`` or
 ``office_caltech_10/`` (or ``pickle_dir``), each a pickled ``(paths, text_labels)`` with paths relative to the data
 root (or ``image_root``); ``imagefolder``: ``<root>/<domain>/<class>/*.jpg`` with a seeded stratified 80/20 split per
 domain, saved like a partition when ``split_dir`` is given.
 
-Fixes of the reference's defects (DATA.md §5): labels are positions in the fixed, ordered class list (D10: never a
+Fixes of the reference's defects (docs/data.md): labels are positions in the fixed, ordered class list (D10: never a
 ``set``), and paths and labels stay one list of pairs, so any subset indexes both (D9). Items are domain-major, domains
 in the fixed order; ``train_domains``/``test_domains`` give each item's domain index.
 """

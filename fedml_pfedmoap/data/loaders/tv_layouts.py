@@ -1,4 +1,4 @@
-"""torchvision's on-disk layouts of the five CoOp datasets (``download=False``; DATA.md §2.3), read by our own code.
+"""torchvision's on-disk layouts of the five CoOp datasets (``download=False``; docs/data.md), read by our own code.
 
 The splits are torchvision's (``split_source: torchvision``), not CoOp's, so the sizes differ from the paper's; prefer
 the CoOp split JSON. Caltech101 has no official split: a seeded stratified 50/20/30 train/val/test split is generated
