@@ -106,7 +106,7 @@ class PromptParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: Optional[int] = None  # None -> the run's local epochs E
-    # differential privacy of the uploaded prompt (PFEDMOAP.md §9; see fedml_pfedmoap/privacy.py and docs/privacy.md):
+    # differential privacy of the uploaded prompt (PFEDMOAP.md §9; see fedml_pfedmoap/privacy/ and docs/privacy.md):
     # {epsilon, delta: 0.05, clip_grad: 1.0, clip_update: auto, accounting: run|release}; None -> off
     dp: Optional[Any] = None
 
