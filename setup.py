@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "chardet<6",
     "scikit-learn==1.9.1",
     "scipy",
+    "dp-accounting==0.4.4",  # exact (PLD) DP accounting; 0.5+ pins attrs<24, older than the stack's
     "pyyaml==6.0.4",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",

@@ -28,6 +28,7 @@ HEADLINES = ("acc_last5", "acc_last")
 ROUND_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
               "bytes_down", "round_time_s", "peak_rss_mb")
 SUMMARY_KEYS = ("acc_last", "acc_last5", "acc_best")
+PRIVACY_KEYS = ("dp_epsilon_run_pld", "dp_epsilon_run_zcdp", "dp_busiest_releases")  # DP runs (docs/privacy.md)
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 
 
@@ -94,7 +95,7 @@ def _record_from_run(tracker: Any, run: Any) -> CellRecord:
     return CellRecord(tags.get("dataset", "?"), tags.get("split", "?"), tags.get("override", ""),
                       tags.get("algorithm", "?"), int(tags.get("seed", 0)), int(tags.get("data_seed", 0)),
                       tags.get("cell_hash", ""), [steps[s] for s in sorted(steps)],
-                      {k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics}, client_acc, rid,
+                      {k: float(metrics[k]) for k in SUMMARY_KEYS + PRIVACY_KEYS if k in metrics}, client_acc, rid,
                       tags.get("partition_hash", ""), tags.get("git_commit", ""))
 
 
@@ -125,6 +126,7 @@ def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, 
                 row[c] = mean_std([v for v in vals if v is not None])
             row["comm"] = tuple(mean_std([x[k] for r in recs for x in r.rounds if k in x])[0]
                                 for k in ("bytes_up", "bytes_down"))
+            row["privacy"] = privacy_cell(recs)
             rows.append(row)
         out[g] = rows
     return out
@@ -134,6 +136,16 @@ def column_names(headline: str) -> List[str]:
     if headline not in HEADLINES:
         raise ValueError(f"--headline: expected one of {', '.join(HEADLINES)}, got {headline!r}")
     return [headline, [h for h in HEADLINES if h != headline][0], "acc_best", "acc_bottom10"]
+
+
+def privacy_cell(recs: Sequence[CellRecord]) -> Optional[str]:
+    """Run-level ε of the busiest client over the seeds' runs (worst seed): exact (PLD) / zCDP bound; None: no DP."""
+    dp = [r.summary for r in recs if "dp_epsilon_run_pld" in r.summary]
+    if not dp:
+        return None
+    worst = max(dp, key=lambda m: m["dp_epsilon_run_pld"])
+    return (f"ε {worst['dp_epsilon_run_pld']:.3g} / {worst['dp_epsilon_run_zcdp']:.3g} "
+            f"({int(worst['dp_busiest_releases'])} releases)")
 
 
 COLUMN_TITLES = {"acc_last5": "acc_last5 (mean of last 5 rounds)", "acc_last": "acc_last (final round)",
@@ -178,8 +190,9 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
         lines += [f"## {group_title(g)}", ""]
         entry = paper_entry(paper, g[0], g[1]) if not g[2] else None
         pcol = f"paper ({entry['table']})" if entry else None
+        private = any(r["privacy"] for r in rows)
         head = (["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
-                + ([pcol] if pcol else []))
+                + (["privacy: run ε, exact (PLD) / zCDP bound"] if private else []) + ([pcol] if pcol else []))
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in cols}
         pvals = {r["algorithm"]: (entry["results"].get(r["algorithm"]) if entry else None) for r in rows}
@@ -192,6 +205,8 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
             up, down = r["comm"]
             cells.append("–" if not np.isfinite(up) else f"{up / 1024:.1f} / {down / 1024:.1f}")
             cells.append(",".join(map(str, r["seeds"])))
+            if private:
+                cells.append(r["privacy"] or "–")
             if pcol:
                 pv = pvals[r["algorithm"]]
                 txt = f"{pv[0]:.2f} ± {pv[1]:.2f}" if pv else "–"

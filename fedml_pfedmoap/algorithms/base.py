@@ -106,7 +106,7 @@ class PromptParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epochs: Optional[int] = None  # None -> the run's local epochs E
-    # differential privacy of the uploaded prompt (see fedml_pfedmoap/privacy.py and docs/privacy.md):
+    # differential privacy of the uploaded prompt (see fedml_pfedmoap/privacy/ and docs/privacy.md):
     # {epsilon, delta: 0.05, clip_grad: 1.0, clip_update: auto, accounting: run|release}; None -> off
     dp: Optional[Any] = None
 
@@ -310,8 +310,8 @@ class PromptAlgorithm(Algorithm):
             for model, loss, (payload, state, data) in zip(models, losses, group):
                 self.keep_state(model, payload, state)
                 up = self.make_upload(model, payload, state, len(data))
-                up["metrics"] = {"train_loss": loss, **model.train_metrics(),
-                                 **self.privatize_upload(up, payload, data)}
+                up["metrics"] = self.privatize_upload(up, payload, state, data,
+                                                      {"train_loss": loss, **model.train_metrics()})
                 ups.append(up)
         return ups
 
@@ -325,20 +325,19 @@ class PromptAlgorithm(Algorithm):
             self._dp_mech = GaussianUploadMechanism(cfg, self.hp.lr, self.hp.momentum, self.rt.rounds)
         return self._dp_mech
 
-    def privatize_upload(self, up: Dict[str, Any], payload: Dict[str, Any], data: FeatureSet) -> Dict[str, float]:
-        """Log the update norm ‖ctx_i − P_g‖; with DP, replace the uploaded prompt by P_g + clip(Δ) + N(0, σ²I)."""
-        if "prompt" not in up or "global_prompt" not in payload:
-            return {}
-        ref = payload["global_prompt"]
-        out = {"update_norm": float((up["prompt"].float() - ref.float().cpu()).norm())}
+    def privatize_upload(self, up: Dict[str, Any], payload: Dict[str, Any], state: Dict[str, Any],
+                         data: FeatureSet, clean: Dict[str, float]) -> Dict[str, float]:
+        """The upload's metrics. Without DP: ``clean`` and the update norm ‖ctx_i − P_g‖. With DP the uploaded prompt
+        becomes P_g + clip(Δ) + N(0, σ²I) and only public numbers are reported (docs/privacy.md)."""
         mech = self.dp_mechanism
-        if mech is not None:
-            epochs = self.hp.epochs if self.hp.epochs is not None else self.rt.local_epochs
-            steps = epochs * data.num_batches(self.rt.batch_size)
-            gen = make_generator(self.rt.seed, "dp-noise", payload["client_index"], payload["round"])
-            up["prompt"], dp_metrics = mech.privatize(up["prompt"], ref, steps, gen)
-            out.update(dp_metrics)
-        return out
+        if "prompt" not in up or "global_prompt" not in payload:
+            return dict(clean)
+        ref = payload["global_prompt"]
+        if mech is None:
+            return {**clean, "update_norm": float((up["prompt"].float() - ref.float().cpu()).norm())}
+        epochs = self.hp.epochs if self.hp.epochs is not None else self.rt.local_epochs
+        steps = epochs * data.num_batches(self.rt.batch_size)
+        return mech.privatize_upload(up, ref, state, steps, payload["round"], clean)
 
     def fit(self, model: nn.Module, payload: Dict[str, Any], data: FeatureSet) -> float:
         """E epochs of SGD for one client (``fit_clients`` with a single client); returns the mean training loss."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..federated.features import Batch
 from ..gating import build_gate, moe_logits, resolve_d_gating
 from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, fedavg, make_generator, register_algorithm
@@ -70,6 +71,9 @@ class PFedMoAPParams(PromptParams):
             raise ValueError(f"{where}.gating: expected 'attention' or 'linear', got {self.gating!r}")
         if self.gate_aggregation not in ("local", "fedavg"):
             raise ValueError(f"{where}.gate_aggregation: expected 'local' or 'fedavg', got {self.gate_aggregation!r}")
+        if self.gate_aggregation == "fedavg" and self.dp is not None:
+            raise ConfigError(f"{where}.gate_aggregation: 'fedavg' uploads the gate without noise, which dp does not "
+                              "cover; use gate_aggregation: local with dp")
         if self.expert_selection not in SELECTIONS:
             raise ValueError(f"{where}.expert_selection: expected one of {sorted(SELECTIONS)}, "
                              f"got {self.expert_selection!r}")

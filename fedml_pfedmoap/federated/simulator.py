@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..algorithms.base import Algorithm, derive_seed
+from ..privacy import round_upload_metrics, run_accounting
 from .features import FeatureSet
 from .metrics import client_summary, run_summary
 
@@ -136,8 +137,9 @@ class Simulator:
             "train_loss": float(np.mean(train_loss)) if train_loss else float("nan"),
             "time_train_s": t_train,
         }
-        for key, vals in _upload_metrics(uploads).items():  # e.g. dp_sigma, update_norm: mean over participants
-            metrics.setdefault(key, float(np.mean(vals)))
+        # e.g. dp_sigma, update_norm: mean over participants; the busiest client's private releases so far
+        for key, val in round_upload_metrics(_upload_metrics(uploads), self.result.rounds).items():
+            metrics.setdefault(key, val)
         if (t + 1) % self.eval_every == 0 or t == self.rounds - 1:
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []
@@ -172,5 +174,6 @@ class Simulator:
                 bar.set_postfix(acc=f"{m['acc_mean']:.3f}", loss=f"{m['train_loss']:.3f}")
             if self.on_round is not None:
                 self.on_round(m, self)
-        self.result.summary = run_summary([r["acc_mean"] for r in self.result.rounds if "acc_mean" in r])
+        self.result.summary = {**run_summary([r["acc_mean"] for r in self.result.rounds if "acc_mean" in r]),
+                               **run_accounting(self.result.rounds)}
         return self.result

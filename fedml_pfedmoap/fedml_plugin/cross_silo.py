@@ -11,7 +11,9 @@ Protocol (one FedML round r = 0..T; FedML runs ``comm_round = T + 1``):
   ``client_payload(i)`` of round r (None in the extra round T); ``eval`` is ``eval_payload(i)`` taken right after round
   r-1's aggregation (None when round r-1 is not an evaluation round).
 * upload: ``{client_index, round, rank, upload, eval}``; ``upload`` is ``local_train``'s dict, ``eval`` the metrics of
-  round r-1 computed inside ``train()`` before local training (FedML's ``test_on_clients`` would lag a round).
+  round r-1 computed inside ``train()`` before local training (FedML's ``test_on_clients`` would lag a round). With
+  ``dp.report_eval: false`` the server asks for no evaluation (the results of private models stay with the clients;
+  docs/privacy.md).
 * participants are the suite's ``sample_clients(N, K/N, seed, r)``, the simulator's schedule: FedML's own
   ``data_silo_selection`` (seeded with the round index before it is incremented, so round 0's sample repeats) is
   replaced in the server process for this aggregator.
@@ -38,6 +40,7 @@ from ..algorithms.base import Algorithm
 from ..checkpoint import digest
 from ..federated.metrics import client_summary
 from ..federated.simulator import ClientData, payload_bytes, sample_clients
+from ..privacy import reports_evaluation, round_upload_metrics, run_accounting
 from .metrics_log import RoundLogger
 from .state import ClientStateStore
 from .watchdog import RoundWatchdog
@@ -81,6 +84,7 @@ class PersonalizedServerAggregator(ServerAggregator):
             raise ValueError(f"algorithm_args.{algo.name}.round0_all_clients: supported by the simulator engine only "
                              f"(cross-silo runs client_num_per_round = {per_round} workers per round); expected false")
         self.pending: Dict[int, Dict[str, Any]] = {}  # training round -> metrics awaiting its evaluation
+        self.private_rounds: List[Dict[str, Any]] = []  # rounds with private uploads (their DP accounting)
         self.sent: Dict[int, Dict[int, Optional[str]]] = {}  # round -> client -> train-payload digest
         self.t0 = time.perf_counter()
         self.finished = False
@@ -118,7 +122,8 @@ class PersonalizedServerAggregator(ServerAggregator):
         self.pending[r] = self._train_metrics(r, train_ups, {int(u["client_index"]): u.get("rank") for u in uploads})
         self.algo.aggregate(train_ups)
         nxt = sample_clients(self.n, self.frac, self.seed, r + 1)  # participants of FedML round r+1
-        is_eval = (r + 1) % self.eval_every == 0 or r == self.rounds - 1
+        # dp.report_eval off: clients keep the evaluation of their private models (docs/privacy.md), none is asked
+        is_eval = reports_evaluation(self.algo.hp) and ((r + 1) % self.eval_every == 0 or r == self.rounds - 1)
         eval_payloads = {i: self.algo.eval_payload(i) for i in nxt} if is_eval else {}
         if not is_eval:
             self._finish_round(r, [])
@@ -165,7 +170,9 @@ class PersonalizedServerAggregator(ServerAggregator):
             for k, v in (u.get("metrics") or {}).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     per_key.setdefault(k, []).append(float(v))
-        m.update({k: float(np.mean(v)) for k, v in per_key.items()})
+        m.update(round_upload_metrics(per_key, self.private_rounds))
+        if "dp_busiest_releases" in m:
+            self.private_rounds.append(m)
         m["clients"] = {i: {"digest": self.sent.get(r, {}).get(i), "rank": ranks.get(i)}
                         for i in (int(u["client_index"]) for u in train_ups)}
         return m
@@ -184,6 +191,8 @@ class PersonalizedServerAggregator(ServerAggregator):
             m["test_loss"] = float(np.average([e["loss"] for _, e in rows], weights=np.maximum(ns, 1)))
             m["evaluated"] = len(rows)
             m["eval_clients"] = {i: {"acc": a, "rank": served[i]} for (i, _), a in zip(rows, accs)}
+        if r == self.rounds - 1:
+            m.update(run_accounting(self.private_rounds))
         m["elapsed_s"] = time.perf_counter() - self.t0
         self.log.log_round({k: v for k, v in m.items() if not isinstance(v, dict)}, step=r)
         with open(self.out, "a", encoding="utf-8") as fh:
