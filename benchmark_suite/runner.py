@@ -6,6 +6,8 @@ files, one partition per (dataset, split, data seed). Each cell logs to MLflow (
 parent run) and checkpoints at every round boundary; a rerun skips finished cells and continues an interrupted cell
 from its last checkpoint with the same final numbers. At the end the leaderboard table is printed and
 ``<output_dir>/<benchmark>/summary.csv``, ``LEADERBOARD.md`` and plots are written (from MLflow when tracking is on).
+Every pre-run check (data present, partition possible, model resolvable) runs before any MLflow experiment or run is
+created, so a failed check leaves nothing behind; Ctrl-C ends the open runs as KILLED and raises :class:`Interrupted`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ from typing import Any, Dict, List, Sequence
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a grid: the MLflow runs are ended as KILLED and the checkpoints kept; ``str()`` is the one line
+    the command line prints."""
+
+    def __init__(self, msg: str = "interrupted; run the same command again to resume: finished cells are skipped and "
+                                  "the interrupted cell continues from its last checkpoint") -> None:
+        super().__init__(msg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +130,7 @@ class GridRunner:
         records: Dict[str, Any] = {}
         if not pending:
             return records
-        self.preflight(pending)
+        self.preflight(pending)  # every pre-run check, before anything is written to MLflow
         if self.tracker is not None:
             self.tracker.start_parent(run_name, tags=parent_tags)
         total = sum(c.cfg.train_args.comm_round for c in pending)
@@ -131,7 +142,7 @@ class GridRunner:
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
-            raise
+            raise Interrupted() from None
         finally:
             bar.close()
             if self.tracker is not None:
@@ -171,7 +182,7 @@ class GridRunner:
             bar.update(sim.next_round)
         if tr is not None:
             resumed = run_id
-            run_id = tr.start_cell(cell.label, cell_params(cell, exp.partition.hash),
+            run_id = tr.start_cell(cell.run_name, cell_params(cell, exp.partition.hash),
                                    {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
             if ckpt is not None and resumed == run_id:  # rounds checkpointed but not yet logged when interrupted
                 logged = tr.logged_steps(run_id)
@@ -200,9 +211,9 @@ class GridRunner:
         t0 = time.perf_counter()
         try:
             result = sim.run()
-        except BaseException:
-            if tr is not None:
-                tr.end_cell(run_id, "FAILED")
+        except BaseException as err:
+            if tr is not None:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
+                tr.end_cell(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         if tr is not None:
             from fedml_pfedmoap.tracking import write_client_acc_csv
