@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
@@ -180,19 +180,6 @@ class GridRunner:
             run_id = ckpt.get("mlflow_run_id")
             logger.info("resume %s from round %d", cell.label, sim.next_round)
             bar.update(sim.next_round)
-        if tr is not None:
-            resumed = run_id
-            run_id = tr.start_cell(cell.run_name, cell_params(cell, exp.partition.hash),
-                                   {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
-            if ckpt is not None and resumed == run_id:  # rounds checkpointed but not yet logged when interrupted
-                logged = tr.logged_steps(run_id)
-                for m in sim.result.rounds:
-                    if int(m["round"]) not in logged:
-                        tr.log_round(run_id, m, int(m["round"]))
-            else:
-                for m in sim.result.rounds:  # a new run for a checkpointed cell: log the history first
-                    tr.log_round(run_id, m, int(m["round"]))
-                self._log_start_artifacts(cell, exp, run_id)
 
         def on_round(m: Dict[str, Any], s: Any) -> None:
             t = int(m["round"])
@@ -209,24 +196,46 @@ class GridRunner:
 
         sim.on_round = on_round
         t0 = time.perf_counter()
+        opened = None
         try:
+            if tr is not None:
+                run_id = opened = self._open_run(cell, exp, ckpt, run_id)
             result = sim.run()
+            if opened is not None:
+                self._close_run(opened, result)
         except BaseException as err:
-            if tr is not None:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
-                tr.end_cell(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if opened is not None:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
+                tr.end_cell(opened, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
-        if tr is not None:
-            from fedml_pfedmoap.tracking import write_client_acc_csv
-
-            tr.log_summary(run_id, result.summary)
-            path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
-            tr.log_artifact(run_id, path)
-            tr.end_cell(run_id, "FINISHED")
         store.save(snapshot(sim, cell.hash, run_id, finished=True))
         store.prev.unlink(missing_ok=True)
         self.ran.append(cell.label)
         logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
+
+    def _open_run(self, cell: Any, exp: Any, ckpt: Optional[Dict[str, Any]], run_id: Optional[str]) -> str:
+        """The cell's MLflow run: the checkpoint's run resumed (logging the rounds checkpointed but not yet logged), or
+        a new one with the history so far, the config and the partition plot."""
+        tr, sim = self.tracker, exp.simulator
+        resumed = run_id
+        run_id = tr.start_cell(cell.run_name, cell_params(cell, exp.partition.hash),
+                               {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
+        logged = tr.logged_steps(run_id) if ckpt is not None and resumed == run_id else set()
+        for m in sim.result.rounds:
+            if int(m["round"]) not in logged:
+                tr.log_round(run_id, m, int(m["round"]))
+        if not (ckpt is not None and resumed == run_id):
+            self._log_start_artifacts(cell, exp, run_id)
+        return run_id
+
+    def _close_run(self, run_id: str, result: Any) -> None:
+        """Summary metrics, the per-client accuracies and FINISHED."""
+        from fedml_pfedmoap.tracking import write_client_acc_csv
+
+        self.tracker.log_summary(run_id, result.summary)
+        path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
+        self.tracker.log_artifact(run_id, path)
+        self.tracker.end_cell(run_id, "FINISHED")
 
     def _log_start_artifacts(self, cell: Any, exp: Any, run_id: str) -> None:
         import yaml
