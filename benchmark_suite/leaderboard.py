@@ -200,7 +200,7 @@ def setting_cautions(records: Sequence[CellRecord], configured: Optional[str] = 
         builder = base.DATASETS.get(dataset) if dataset in base.DATASETS else None
         if builder is not None and builder.__module__ == embedded.__name__:
             doc = (builder.__doc__ or "").strip().splitlines()[0].rstrip(".")
-            lines.append(f"dataset {dataset}: a small packaged stand-in ({doc}), not one of the paper's datasets")
+            lines.append(f"dataset {dataset}: a small packaged stand-in, not one of the paper's datasets; {doc}")
         out += [line for line in lines if line not in out]
     return out
 

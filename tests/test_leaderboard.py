@@ -42,7 +42,8 @@ def test_leaderboard_numbers_equal_mlflow(quickstart_runs, monkeypatch):
     cautions = [line for line in run_out.splitlines() if line.startswith("CAUTION: ")]
     assert len(cautions) == 2, run_out
     assert cautions[0].startswith("CAUTION: backbone tiny-clip has random weights (model_args.pretrained: null)")
-    assert cautions[1].startswith("CAUTION: dataset digits: a small packaged stand-in (scikit-learn digits")
+    assert cautions[1].startswith("CAUTION: dataset digits: a small packaged stand-in, not one of the paper's datasets; "
+                                  "scikit-learn digits")
     assert "mini" not in run_out.lower()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out_dir = tmp / "board"
@@ -190,7 +191,7 @@ def test_cautions_follow_the_setting_run():
              "model_args.pretrained": "package:mini-clip.safetensors"}
     got = setting_cautions([_rec("pfedmoap", 0, .5, .5, .5, .5, dataset="digits", setting=quick)] * 2)
     assert len(got) == 2 and got[0].startswith("backbone mini-clip: the packaged mini CLIP")
-    assert got[1].startswith("dataset digits: a small packaged stand-in (scikit-learn digits")
+    assert got[1].startswith("dataset digits: a small packaged stand-in, not one of the paper's datasets; scikit-learn")
     # the quickstart with model and dataset overridden: no caution left
     real = {"data_args.dataset": "caltech101", "model_args.model": "ViT-B-16", "model_args.pretrained": "openai"}
     assert setting_cautions([_rec("pfedmoap", 0, .5, .5, .5, .5, dataset="caltech101", setting=real)]) == []
