@@ -201,3 +201,20 @@ def test_cautions_follow_the_setting_run():
                 "they are not CLIP results"]
     table = console_table([_rec("local", 0, .5, .4, .6, .1, setting=real)], None)
     assert "CAUTION" not in table and "40.00 (n=1)" in table and "±" not in table.split("\n")[2]
+
+
+@pytest.mark.parametrize("table", [1, 2, 3, 4])
+def test_shipped_paper_configs_are_the_papers_setting(table):
+    """Every cell of configs/benchmarks/paper_table<k>.yaml gets the paper column (and the mini quickstart none)."""
+    from benchmark_suite.grid import expand_grid
+    from benchmark_suite.leaderboard import cell_setting, load_paper, paper_entry, setting_mismatch
+    from fedml_pfedmoap.config import load_config
+
+    paper = load_paper()
+    for cfg_name, want_match in ((f"benchmarks/paper_table{table}.yaml", True), ("quickstart.yaml", False)):
+        cells = expand_grid(load_config(ROOT / "configs" / cfg_name))
+        recs = [_rec(c.algorithm, c.seed, .5, .5, .5, .5, dataset=c.dataset, split=c.split,
+                     setting=cell_setting(c.cfg)) for c in cells]
+        for c in cells:
+            entry = paper_entry(paper, c.dataset, c.split) or paper_entry(paper, "oxford_pets", "pathological")
+            assert (setting_mismatch(paper, entry, [r for r in recs if r.dataset == c.dataset]) == []) == want_match
