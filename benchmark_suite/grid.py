@@ -2,9 +2,10 @@
 
 Every cell is a fully resolved :class:`~fedml_pfedmoap.config.Config`. The whole grid is validated before any run:
 a malformed entry raises :class:`GridError` naming the key (``benchmark_args.splits[1].partition_alpha``) and the
-reason. A cell's ``hash`` covers everything that changes its numbers (and nothing else: not the tracking URI, output
-folders or thread counts), so a rerun of the same config recognises finished cells, and cells that differ only in
-another algorithm's hyperparameters (a λ ablation seen from PromptFL) share one run.
+reason. A cell's ``hash`` covers everything that changes its numbers and nothing else (``RUN_KEYS``: not the data
+root, device, tracking URI, cache and output folders or thread counts), so a rerun of the same config recognises
+finished cells wherever the data now lives, and cells that differ only in another algorithm's hyperparameters (a λ
+ablation seen from PromptFL) share one run.
 
 ``benchmark_args`` keys:
 
@@ -26,13 +27,43 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from fedml_pfedmoap.config import Config, ConfigError, DataArgs, from_dict
+from fedml_pfedmoap.config import PACKAGE_PREFIX, Config, ConfigError, DataArgs, from_dict
 
-# flat config keys that never change a cell's numbers (left out of the cell hash)
-NON_SEMANTIC_PREFIXES = ("tracking_args.", "benchmark_args.", "comm_args.", "device_args.num_threads",
-                         "device_args.worker_num", "device_args.gpu_id", "common_args.output_dir",
-                         "common_args.cache_dir", "common_args.run_name", "common_args.training_type",
-                         "train_args.federated_optimizer", "train_args.eval_batch_size", "algorithm_args.")
+# Every config key is either a RUN key (where files live, which device and how many threads or workers compute it,
+# tracking, progress, bookkeeping, and execution strategies documented to give the same numbers) or a RESULT key.
+# RUN keys stay out of a cell's identity (they are logged as MLflow params only), so moving the data, switching to CUDA
+# or pointing at another cache still finds finished cells and resumes checkpoints. A key in neither list counts as a
+# RESULT key (the safe side); docs/benchmark.md lists both.
+RUN_KEYS = frozenset({
+    "common_args.training_type", "common_args.run_name", "common_args.cache_dir", "common_args.output_dir",
+    "common_args.scenario", "common_args.config_version",
+    "data_args.data_root", "data_args.num_workers",
+    "model_args.compile_text",
+    "train_args.federated_optimizer",  # the cell's algorithm enters the identity on its own
+    "train_args.eval_batch_size", "train_args.batch_eval_text", "train_args.train_clients_per_call",
+    "device_args.using_gpu", "device_args.device", "device_args.num_threads", "device_args.worker_num",
+    "device_args.gpu_id",
+    "comm_args.backend", "comm_args.grpc_ipconfig_path", "comm_args.round_timeout_s", "comm_args.startup_timeout_s",
+    "comm_args.state_dir",
+    "tracking_args.enable_tracking", "tracking_args.enable_wandb", "tracking_args.mlflow_tracking_uri",
+    "tracking_args.mlflow_experiment", "tracking_args.log_file_dir",
+    "benchmark_args.name", "benchmark_args.datasets", "benchmark_args.splits", "benchmark_args.algorithms",
+    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.caution",
+})
+RESULT_KEYS = frozenset({
+    "common_args.random_seed", "common_args.data_seed",
+    "data_args.dataset", "data_args.layout", "data_args.partition_method", "data_args.shots",
+    "data_args.partition_alpha", "data_args.min_size", "data_args.clients_per_domain", "data_args.train_augment",
+    "data_args.cifar_transform", "data_args.dataset_options", "data_args.partition_options",
+    "model_args.model", "model_args.pretrained", "model_args.n_ctx", "model_args.force_quick_gelu",
+    "model_args.truncate_text", "model_args.precision",
+    "train_args.client_num_in_total", "train_args.client_num_per_round", "train_args.comm_round",
+    "train_args.epochs", "train_args.batch_size", "train_args.eval_every",
+})  # plus the cell's algorithm and its own algorithm_args
+# dataset_options entries that only say where files are (or check them): left out of the identity
+RUN_DATASET_OPTIONS = frozenset({"image_root", "pickle_dir", "verify_md5"})
+# values that may be file paths: only the file name enters the identity (moving the file keeps the cell)
+PATH_VALUED = ("model_args.pretrained", "data_args.dataset_options.split_file")
 ONLY_KEYS = {"algo": "algorithm", "algorithm": "algorithm", "dataset": "dataset", "split": "split",
              "seed": "seed", "override": "override"}
 
@@ -63,6 +94,14 @@ class Cell:
         return "/".join(parts + ([self.override] if self.override else []))
 
     @property
+    def run_name(self) -> str:
+        """The MLflow run name, what differs first (the UI cuts long names): ``promptfl · seed0 · dirichlet-0.5 ·
+        digits`` (the override after the algorithm)."""
+        parts = [self.algorithm] + ([self.override] if self.override else []) + [f"seed{self.seed}", self.split,
+                                                                                 self.dataset]
+        return " · ".join(parts)
+
+    @property
     def slug(self) -> str:
         """A file-name-safe, unique id: readable label plus the hash."""
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.label.replace("/", "__")) + "-" + self.hash
@@ -77,15 +116,39 @@ class Cell:
                 "cell": self.label}
 
 
-def cell_hash(cfg: Config, algorithm: str) -> str:
-    """sha256 (12 hex) of the semantic config keys that differ from the defaults, plus the algorithm's own
-    hyperparameters: a new config key with a behaviour-preserving default leaves every hash (finished cell) intact."""
+def _file_name(value: Any) -> Any:
+    """A path-like string -> its file name; anything else (``openai``, ``package:x``, None) unchanged."""
+    if isinstance(value, str) and not value.startswith(PACKAGE_PREFIX):
+        return re.split(r"[\\/]", value.rstrip("\\/"))[-1] or value
+    return value
+
+
+def identity_items(cfg: Config, algorithm: str) -> Dict[str, Any]:
+    """What a cell's hash covers: the result keys that differ from the defaults (a new key with a behaviour-preserving
+    default leaves every finished cell intact), file names instead of paths, plus the algorithm and its own
+    hyperparameters."""
     defaults = Config().flat()
-    flat = {k: v for k, v in cfg.flat().items()
-            if not k.startswith(NON_SEMANTIC_PREFIXES) and (k not in defaults or defaults[k] != v)}
+    flat: Dict[str, Any] = {}
+    for k, v in cfg.flat().items():
+        if k in RUN_KEYS or k.startswith("algorithm_args.") or (k in defaults and defaults[k] == v):
+            continue
+        if k.split(".", 1)[0] in cfg.extra_sections:  # FedML's free sections (environment_args, ...): unused here
+            continue
+        if k == "data_args.dataset_options":
+            v = {o: _file_name(x) if f"{k}.{o}" in PATH_VALUED else x for o, x in v.items()
+                 if o not in RUN_DATASET_OPTIONS}
+            if not v:
+                continue
+        flat[k] = _file_name(v) if k in PATH_VALUED else v
     flat["algorithm"] = algorithm
     flat["algorithm_args"] = cfg.algo_params(algorithm)
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return flat
+
+
+def cell_hash(cfg: Config, algorithm: str) -> str:
+    """sha256 (12 hex) of :func:`identity_items`."""
+    return hashlib.sha256(json.dumps(identity_items(cfg, algorithm), sort_keys=True, default=str).encode()
+                          ).hexdigest()[:12]
 
 
 def _fmt(v: Any) -> str:

@@ -4,8 +4,11 @@ The grid of ``--config`` says which cells belong to the benchmark (by cell hash)
 FINISHED MLflow run of each cell, never from memory. Per dataset × split (× override) and algorithm the table shows
 mean ± std over seeds (population std, in %) of the headline (``acc_last5`` by default, or ``acc_last``), the other
 of the two, the best round (``acc_best``, test-selected and therefore labelled optimistic) and the worst-10% clients,
-with the paper's number beside it where the paper has one (``paper_results.yaml``, quoted, not measured).
-The best mean in each column is bold.
+with the paper's number beside it where the paper reports the same dataset, split and setting (``paper_results.yaml``,
+quoted, not measured; a group run in another setting gets a footnote saying what differs instead). With one seed a
+cell shows its mean and ``(n=1)``. Cautions are derived from the setting actually run (random-init or mini CLIP
+backbone, packaged stand-in dataset), plus ``benchmark_args.caution`` when the config sets one. The best mean in each
+column is bold.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class CellRecord:
     run_id: Optional[str] = None
     partition_hash: str = ""
     git_commit: str = ""
+    setting: Dict[str, Any] = field(default_factory=dict)  # the cell's result keys (flat config), see cell_setting
 
     @property
     def group(self) -> Tuple[str, str, str]:
@@ -57,14 +61,24 @@ class CellRecord:
     def relabel(self, cell: Any) -> "CellRecord":
         """The same numbers under an alias cell's labels (cells sharing a hash share a run)."""
         return dataclasses.replace(self, dataset=cell.dataset, split=cell.split, override=cell.override,
-                                   algorithm=cell.algorithm, seed=cell.seed, data_seed=cell.data_seed)
+                                   algorithm=cell.algorithm, seed=cell.seed, data_seed=cell.data_seed,
+                                   setting=cell_setting(cell.cfg))
 
     @classmethod
     def from_result(cls, cell: Any, result: Any, run_id: Optional[str] = None, partition_hash: str = "",
                     git_commit: str = "") -> "CellRecord":
         return cls(cell.dataset, cell.split, cell.override, cell.algorithm, cell.seed, cell.data_seed, cell.hash,
                    [dict(r) for r in result.rounds], dict(result.summary),
-                   list(result.client_acc[-1]) if result.client_acc else [], run_id, partition_hash, git_commit)
+                   list(result.client_acc[-1]) if result.client_acc else [], run_id, partition_hash, git_commit,
+                   cell_setting(cell.cfg))
+
+
+def cell_setting(cfg: Any) -> Dict[str, Any]:
+    """The result keys of a cell's config (``section.key -> value``): what paper matching and cautions look at. The
+    cell hash covers them, so the grid's config describes a finished run of the same hash exactly."""
+    from .grid import RESULT_KEYS
+
+    return {k: v for k, v in cfg.flat().items() if k in RESULT_KEYS}
 
 
 # ---- reading MLflow -----------------------------------------------------------------------------------------------
@@ -157,12 +171,58 @@ def load_paper() -> Dict[str, Any]:
 
 
 def paper_entry(paper: Dict[str, Any], dataset: str, split: str) -> Optional[Dict[str, Any]]:
-    return (paper.get(dataset) or {}).get(split)
+    return (paper.get(dataset) or {}).get(split) if dataset != "settings" else None
+
+
+def setting_mismatch(paper: Dict[str, Any], entry: Dict[str, Any], records: Sequence[CellRecord]) -> List[str]:
+    """``key: ours (paper: theirs)`` for every key of the entry's paper setting that some record does not match."""
+    from .grid import PATH_VALUED, _file_name
+
+    want = (paper.get("settings") or {}).get(entry.get("setting"), {})
+    out: List[str] = []
+    for key, accepted in want.items():
+        accepted = accepted if isinstance(accepted, list) else [accepted]
+        for r in records:
+            got = r.setting.get(key)
+            got = _file_name(got) if key in PATH_VALUED else got
+            note = f"{key}: {got} (paper: {' or '.join(map(str, accepted))})"
+            if got not in accepted and note not in out:
+                out.append(note)
+    return out
+
+
+def setting_cautions(records: Sequence[CellRecord], configured: Optional[str] = None) -> List[str]:
+    """One line per distinct caution of the settings run: a random-init backbone, the mini CLIP, a packaged stand-in
+    dataset; ``benchmark_args.caution`` (``configured``) first when set."""
+    from fedml_pfedmoap.data import base, embedded
+    from fedml_pfedmoap.miniclip import MODEL_NAME
+
+    out = [configured] if configured else []
+    for r in records:
+        model, pretrained = r.setting.get("model_args.model"), r.setting.get("model_args.pretrained")
+        dataset = r.setting.get("data_args.dataset", r.dataset)
+        lines = []
+        if model and not pretrained:
+            lines.append(f"backbone {model} has random weights (model_args.pretrained: null): the numbers check the "
+                         "machinery, they are not CLIP results")
+        elif model == MODEL_NAME:
+            lines.append(f"backbone {model}: the packaged mini CLIP, pretrained offline on MNIST and animal "
+                         "silhouettes; a miniature of CLIP: compare the methods with each other, not with CLIP "
+                         "results or the paper")
+        builder = base.DATASETS.get(dataset) if dataset in base.DATASETS else None
+        if builder is not None and builder.__module__ == embedded.__name__:
+            doc = (builder.__doc__ or "").strip().splitlines()[0].rstrip(".")
+            lines.append(f"dataset {dataset}: a small packaged stand-in, not one of the paper's datasets; {doc}")
+        out += [line for line in lines if line not in out]
+    return out
 
 
 def _pct(ms: Tuple[float, float, int]) -> str:
+    """``mean ± std`` in %; a single seed has no spread: ``mean (n=1)``."""
     m, s, n = ms
-    return "–" if n == 0 else f"{100 * m:.2f} ± {100 * s:.2f}"
+    if n == 0:
+        return "–"
+    return f"{100 * m:.2f} (n=1)" if n == 1 else f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
 def group_title(g: Tuple[str, str, str]) -> str:
@@ -179,17 +239,19 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
     cols = column_names(headline)
     paper = load_paper()
     lines = [f"# Leaderboard: {title}", ""]
-    if caution:
-        lines += [f"> **Caution:** {caution}", ""]
+    for c in setting_cautions(records, caution):
+        lines += [f"> **Caution:** {c}", ""]
     lines += [f"Headline: **{headline}**. Accuracy is the unweighted mean over clients of each client's accuracy on "
-              "its own test split, in %, mean ± std (population) over training seeds. `acc_best` picks the best round "
-              "on the test split and is therefore optimistic; it is never the headline. The best mean per column is "
-              "**bold**. The paper column quotes the pFedMoAP paper (spec §12) for its own setting (real CLIP "
-              "backbones, the paper's federations); it is not measured here.", "", f"Source: {source}.", ""]
+              "its own test split, in %, mean ± std (population) over training seeds; `(n=1)` marks a single seed. "
+              "`acc_best` picks the best round on the test split and is therefore optimistic; it is never the "
+              "headline. The best mean per column is **bold**. A paper column quotes the pFedMoAP paper where the "
+              "run's dataset, split and setting (backbone, weights, clients, rounds, shots) are the paper's; it is "
+              "not measured here.", "", f"Source: {source}.", ""]
     for g, rows in table_rows(records, headline).items():
         lines += [f"## {group_title(g)}", ""]
         entry = paper_entry(paper, g[0], g[1]) if not g[2] else None
-        pcol = f"paper ({entry['table']})" if entry else None
+        differs = setting_mismatch(paper, entry, [r for r in records if r.group == g]) if entry else []
+        pcol = f"paper ({entry['table']})" if entry and not differs else None
         private = any(r["privacy"] for r in rows)
         head = (["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
                 + (["privacy: run ε, exact (PLD) / zCDP bound"] if private else []) + ([pcol] if pcol else []))
@@ -212,8 +274,10 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
                 txt = f"{pv[0]:.2f} ± {pv[1]:.2f}" if pv else "–"
                 cells.append(f"**{txt}**" if pv and pv[0] == pbest else txt)
             lines.append("| " + " | ".join(cells) + " |")
-        if entry and entry.get("note"):
+        if pcol and entry.get("note"):
             lines.append(f"\nPaper column: {entry['note']}.")
+        if differs:
+            lines.append(f"\nNo paper column: the paper's {entry['table']} ran another setting ({'; '.join(differs)}).")
         lines += ["", f"![accuracy vs round](acc_vs_round-{group_slug(g)}.png) "
                       f"![per-client accuracy](client_acc-{group_slug(g)}.png)", ""]
     if missing:
@@ -222,7 +286,7 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
 
 
 def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
-    """algorithm × acc_mean (final round), acc_last5 and the optimistic best, per group, with the caution line."""
+    """algorithm × acc_mean (final round), acc_last5 and the optimistic best, per group, with the caution lines."""
     out = []
     for g, rows in table_rows(records, "acc_last5").items():
         out.append(f"== {group_title(g)} ==")
@@ -230,9 +294,9 @@ def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
         for r in rows:
             out.append(f"{r['algorithm']:<14}{_pct(r['acc_last']):>20}{_pct(r['acc_last5']):>18}"
                        f"{_pct(r['acc_best']):>18}  {','.join(map(str, r['seeds']))}")
-    out.append("* acc_best = best round on the test split (optimistic). Accuracy in %, mean ± std over seeds.")
-    if caution:
-        out.append(f"CAUTION: {caution}")
+    out.append("* acc_best = best round on the test split (optimistic). Accuracy in %, mean ± std over seeds "
+               "(n=1: one seed).")
+    out += [f"CAUTION: {c}" for c in setting_cautions(records, caution)]
     return "\n".join(out)
 
 

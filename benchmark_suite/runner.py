@@ -6,6 +6,8 @@ files, one partition per (dataset, split, data seed). Each cell logs to MLflow (
 parent run) and checkpoints at every round boundary; a rerun skips finished cells and continues an interrupted cell
 from its last checkpoint with the same final numbers. At the end the leaderboard table is printed and
 ``<output_dir>/<benchmark>/summary.csv``, ``LEADERBOARD.md`` and plots are written (from MLflow when tracking is on).
+Every pre-run check (data present, partition possible, model resolvable) runs before any MLflow experiment or run is
+created, so a failed check leaves nothing behind; Ctrl-C ends the open runs as KILLED and raises :class:`Interrupted`.
 """
 from __future__ import annotations
 
@@ -16,10 +18,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a grid: the MLflow runs are ended as KILLED and the checkpoints kept; ``str()`` is the one line
+    the command line prints."""
+
+    def __init__(self, msg: str = "interrupted; run the same command again to resume: finished cells are skipped and "
+                                  "the interrupted cell continues from its last checkpoint") -> None:
+        super().__init__(msg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +130,7 @@ class GridRunner:
         records: Dict[str, Any] = {}
         if not pending:
             return records
-        self.preflight(pending)
+        self.preflight(pending)  # every pre-run check, before anything is written to MLflow
         if self.tracker is not None:
             self.tracker.start_parent(run_name, tags=parent_tags)
         total = sum(c.cfg.train_args.comm_round for c in pending)
@@ -131,7 +142,7 @@ class GridRunner:
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
-            raise
+            raise Interrupted() from None
         finally:
             bar.close()
             if self.tracker is not None:
@@ -169,19 +180,6 @@ class GridRunner:
             run_id = ckpt.get("mlflow_run_id")
             logger.info("resume %s from round %d", cell.label, sim.next_round)
             bar.update(sim.next_round)
-        if tr is not None:
-            resumed = run_id
-            run_id = tr.start_cell(cell.label, cell_params(cell, exp.partition.hash),
-                                   {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
-            if ckpt is not None and resumed == run_id:  # rounds checkpointed but not yet logged when interrupted
-                logged = tr.logged_steps(run_id)
-                for m in sim.result.rounds:
-                    if int(m["round"]) not in logged:
-                        tr.log_round(run_id, m, int(m["round"]))
-            else:
-                for m in sim.result.rounds:  # a new run for a checkpointed cell: log the history first
-                    tr.log_round(run_id, m, int(m["round"]))
-                self._log_start_artifacts(cell, exp, run_id)
 
         def on_round(m: Dict[str, Any], s: Any) -> None:
             t = int(m["round"])
@@ -198,24 +196,46 @@ class GridRunner:
 
         sim.on_round = on_round
         t0 = time.perf_counter()
+        opened = None
         try:
-            result = sim.run()
-        except BaseException:
             if tr is not None:
-                tr.end_cell(run_id, "FAILED")
+                run_id = opened = self._open_run(cell, exp, ckpt, run_id)
+            result = sim.run()
+            if opened is not None:
+                self._close_run(opened, result)
+        except BaseException as err:
+            if opened is not None:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
+                tr.end_cell(opened, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
-        if tr is not None:
-            from fedml_pfedmoap.tracking import write_client_acc_csv
-
-            tr.log_summary(run_id, result.summary)
-            path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
-            tr.log_artifact(run_id, path)
-            tr.end_cell(run_id, "FINISHED")
         store.save(snapshot(sim, cell.hash, run_id, finished=True))
         store.prev.unlink(missing_ok=True)
         self.ran.append(cell.label)
         logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
+
+    def _open_run(self, cell: Any, exp: Any, ckpt: Optional[Dict[str, Any]], run_id: Optional[str]) -> str:
+        """The cell's MLflow run: the checkpoint's run resumed (logging the rounds checkpointed but not yet logged), or
+        a new one with the history so far, the config and the partition plot."""
+        tr, sim = self.tracker, exp.simulator
+        resumed = run_id
+        run_id = tr.start_cell(cell.run_name, cell_params(cell, exp.partition.hash),
+                               {**cell.tags(), "partition_hash": exp.partition.hash}, resume_run_id=run_id)
+        logged = tr.logged_steps(run_id) if ckpt is not None and resumed == run_id else set()
+        for m in sim.result.rounds:
+            if int(m["round"]) not in logged:
+                tr.log_round(run_id, m, int(m["round"]))
+        if not (ckpt is not None and resumed == run_id):
+            self._log_start_artifacts(cell, exp, run_id)
+        return run_id
+
+    def _close_run(self, run_id: str, result: Any) -> None:
+        """Summary metrics, the per-client accuracies and FINISHED."""
+        from fedml_pfedmoap.tracking import write_client_acc_csv
+
+        self.tracker.log_summary(run_id, result.summary)
+        path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
+        self.tracker.log_artifact(run_id, path)
+        self.tracker.end_cell(run_id, "FINISHED")
 
     def _log_start_artifacts(self, cell: Any, exp: Any, run_id: str) -> None:
         import yaml

@@ -117,16 +117,26 @@ class MlflowLogger:
         if not stray_existed:
             with contextlib.suppress(OSError):
                 stray.rmdir()  # only if empty
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        # the experiment is created (or restored) on the first write only, so a run that fails its pre-run checks,
+        # or a leaderboard query, leaves no empty experiment behind
+        self._found = exp
+        self._artifact_location = artifact_location
         self.experiment = experiment
         self.parent_id: Optional[str] = None
         self._own_parent = False
         self._mlflow = mlflow
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id, creating (or restoring a deleted) experiment on first use: call it only to write."""
+        exp = self._found
+        if exp is None:
+            eid = self.client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            self._found = exp = self.client.get_experiment(eid)
+        elif exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+            self._found = exp = self.client.get_experiment(exp.experiment_id)
+        return exp.experiment_id
 
     # ---- parent run ---------------------------------------------------------------------------------------------
     def start_parent(self, run_name: str, tags: Optional[Mapping[str, str]] = None,
@@ -232,9 +242,11 @@ class MlflowLogger:
         """cell hash -> the newest FINISHED nested run carrying it (searched in one paged query)."""
         wanted = set(cell_hashes)
         out: Dict[str, Any] = {}
+        if self._found is None:  # no experiment yet: nothing finished (and nothing created by asking)
+            return out
         token = None
         while True:
-            page = self.client.search_runs([self.experiment_id], "attributes.status = 'FINISHED'",
+            page = self.client.search_runs([self._found.experiment_id], "attributes.status = 'FINISHED'",
                                            max_results=1000, order_by=["attributes.start_time DESC"],
                                            page_token=token)
             for run in page:
