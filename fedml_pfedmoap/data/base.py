@@ -14,12 +14,13 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from ..registry import Registry
 
 DATASETS: Registry[Callable[..., "ImageDataset"]] = Registry("dataset")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset is missing or malformed: the message names the dataset, the paths looked at and the layout expected."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import UserError
 from ..registry import Registry
 from .base import DatasetError, ImageDataset
 
@@ -26,7 +27,7 @@ PARTITIONER_VERSION = 1
 PARTITIONERS: Registry[Callable[..., "tuple[list, list]"]] = Registry("partition method")
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """A partition cannot be built with the requested parameters."""
 
 

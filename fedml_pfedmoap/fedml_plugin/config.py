@@ -153,8 +153,6 @@ def validate(pc: PluginConfig) -> None:
     if workers != t.client_num_per_round:
         raise ConfigError(f"device_args.worker_num={workers}: FedML cross-silo trains one client per worker per "
                           f"round, so it must equal train_args.client_num_per_round={t.client_num_per_round}")
-    if cfg.comm_args.round_timeout_s <= 0:
-        raise ConfigError("comm_args.round_timeout_s must be > 0 seconds")
     if cfg.comm_args.backend == "GRPC":
         check_grpc_ipconfig(resolve_path(pc, cfg.comm_args.grpc_ipconfig_path), workers)
 
