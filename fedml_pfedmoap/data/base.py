@@ -78,8 +78,13 @@ class FileSplit(SplitData):
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def image(self, i: int) -> Image.Image:
-        with Image.open(self.image_root / self.paths[i]) as img:
-            return img.convert("RGB")
+        path = self.image_root / self.paths[i]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, corrupt, foreign
+            raise DatasetError(f"image {path}: cannot be decoded ({err}); replace the file or remove it from the "
+                               "dataset's list") from None
 
     def item_keys(self) -> Sequence[str]:
         return self.paths
