@@ -1,9 +1,10 @@
 """A FedML user's own fedml_config.yaml: FedML's partition, data-folder, test-frequency and device keys."""
 import logging
+import shutil
 
 import pytest
 
-from fedml_helpers import write_config
+from fedml_helpers import ROOT, write_config
 from fedml_pfedmoap.config import ConfigError
 from fedml_pfedmoap.data.base import DatasetError
 from fedml_pfedmoap.fedml_plugin import config as plugin_config
@@ -77,3 +78,21 @@ def test_ignored_fedml_keys_are_warned_about_once(tmp_path, caplog, monkeypatch)
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("client_id_list is ignored") for m in messages) == 1
     assert sum(m.startswith("gpu_id is ignored") and "device_args.device" in m for m in messages) == 1
+
+
+@pytest.mark.parametrize("name", ["simulation.yaml", "cross_silo_mpi.yaml", "cross_silo_grpc.yaml"])
+def test_example_configs_use_the_packaged_mini_clip_and_a_valid_split(tmp_path, name):
+    from pathlib import Path
+
+    from fedml_pfedmoap.config import resolve_pretrained
+    from fedml_pfedmoap.data.base import build_dataset
+    from fedml_pfedmoap.data.partition import make_partition
+    from fedml_pfedmoap.experiment import _partition_params
+
+    shutil.copy(ROOT / "configs" / "fedml" / "grpc_ipconfig.csv", tmp_path)  # named relative to the YAML
+    cfg = load_plugin_config(write_config(tmp_path, name, {})).cfg
+    assert cfg.model_args.model == "mini-clip"  # trained weights, not tiny-clip's random init
+    assert Path(resolve_pretrained(cfg.model_args.pretrained)).name == "mini-clip.safetensors"
+    part = make_partition(build_dataset(cfg.data_args.dataset), cfg.data_args.partition_method,
+                          cfg.train_args.client_num_in_total, cfg.common_args.data_seed, **_partition_params(cfg))
+    assert min(len(t) for t in part.train) > 0
