@@ -3,7 +3,9 @@
 ``CONFIG_RULES`` maps ``section.key`` to a ``Num`` rule and ``PARAM_RULES`` maps an algorithm hyperparameter's name
 (the same meaning in every algorithm that has it) to one. ``config.from_dict`` and ``Algorithm.parse_params`` apply
 them when a config is read, so a bad value fails before any training with one ``ConfigError`` naming the key and
-what was expected. ``tests/test_config_ranges.py`` checks that every int/float field has a rule here.
+what was expected. ``tests/test_config_ranges.py`` checks that every int/float field has a rule here. The lists of
+``benchmark_args`` are checked by the grid (``benchmark_suite/grid.py``); each seed then becomes a cell's
+``common_args.random_seed`` and meets its rule here.
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ from .errors import ConfigError
 class Num:
     """A number of ``kind`` (int or float) in [low, high] (``open_low``/``open_high``: strict bound).
 
-    ``optional``: null is accepted (it means "default"/"off"); ``each``: the value is a list of such numbers.
-    Numeric strings (``--set key=1e-3`` arrives as a string in YAML 1.1) are converted; booleans, NaN and infinities
-    are rejected.
+    ``optional``: null is accepted (it means "default"/"off"). Numeric strings (``--set key=1e-3`` arrives as a
+    string in YAML 1.1) are converted; booleans, NaN and infinities are rejected.
     """
 
     kind: type = float
@@ -29,7 +30,6 @@ class Num:
     open_low: bool = False
     open_high: bool = False
     optional: bool = False
-    each: bool = False
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
@@ -39,23 +39,13 @@ class Num:
             what += f" {'>' if self.open_low else '>='} {self.low:g}"
         elif self.high is not None:
             what += f" {'<' if self.open_high else '<='} {self.high:g}"
-        if self.each:
-            what = f"a list of {what.replace('an integer', 'integers').replace('a number', 'numbers')}"
         return what + (" or null" if self.optional else "")
 
     def check(self, key: str, value: Any) -> Any:
-        """``value`` converted to ``kind`` (each element for ``each``), or ``ConfigError`` naming ``key``."""
+        """``value`` converted to ``kind``, or a ``ConfigError`` naming ``key`` and the expected type and range."""
         if value is None and self.optional:
             return None
-        if self.each:
-            if not isinstance(value, (list, tuple)) or not value:
-                raise ConfigError(f"{key}: expected {self.describe()}, got {value!r}")
-            single = Num(self.kind, self.low, self.high, self.open_low, self.open_high)
-            return [single._one(key, v, self.describe()) for v in value]
-        return self._one(key, value, self.describe())
-
-    def _one(self, key: str, value: Any, expected: str) -> Any:
-        fail = ConfigError(f"{key}: expected {expected}, got {value!r}")
+        fail = ConfigError(f"{key}: expected {self.describe()}, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise fail
         try:
@@ -101,7 +91,6 @@ CONFIG_RULES: Dict[str, Num] = {
     "device_args.gpu_id": INT_NONNEG,
     "comm_args.round_timeout_s": POS,
     "comm_args.startup_timeout_s": Num(float, 0, open_low=True, optional=True),
-    "benchmark_args.seeds": Num(int, 0, each=True),
 }
 
 PARAM_RULES: Dict[str, Num] = {

