@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 SUBCOMMANDS = {
     "run": ("benchmark_suite.runner", "run a benchmark grid (datasets × splits × algorithms × seeds)"),
@@ -45,14 +45,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from fedml_pfedmoap.config import ConfigError
-
     try:
         return int(importlib.import_module(SUBCOMMANDS[args.command][0]).main(args) or 0)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as err:
+    except BaseException as err:  # noqa: B036  (only user errors and Ctrl-C are reported; the rest re-raised)
+        code, message = _report(err)
+        if code is None:
+            raise
+        print(f"pfedmoap-bench {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+INTERRUPTED = 130  # 128 + SIGINT, the shell's status for a Ctrl-C
+GENERIC_INTERRUPT = "interrupted; run the same command again to resume"
+
+
+def _report(err: BaseException) -> Tuple[Optional[int], str]:
+    """(exit status, message) for bad input (2) and Ctrl-C (130), without a traceback; (None, "") for a bug."""
+    from fedml_pfedmoap.errors import UserError
+
+    interrupted = getattr(sys.modules.get("benchmark_suite.runner"), "Interrupted", None)
+    if isinstance(interrupted, type) and isinstance(err, interrupted):  # the runner's own message says how to resume
+        return INTERRUPTED, str(err) or GENERIC_INTERRUPT
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED, GENERIC_INTERRUPT
+    if isinstance(err, (UserError, KeyError, ValueError, FileNotFoundError)):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"pfedmoap-bench {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return 2, f"error: {msg}"
+    return None, ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,15 +22,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from .errors import CheckpointError
 from .federated.simulator import RunResult, Simulator
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
 _NDARRAY = "__ndarray__"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written (non-plain state) or read (corrupt, foreign)."""
 
 
 def to_plain(obj: Any, where: str = "state") -> Any:

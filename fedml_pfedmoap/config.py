@@ -2,7 +2,8 @@
 
 Every section is a dataclass with defaults; unknown sections or keys fail before any work with the list of valid
 keys. Keys are unique across sections, because ``fedml.init`` flattens all sections into one namespace.
-``algorithm_args`` maps an algorithm name to its hyperparameters (validated by the algorithm's ``Params``).
+``algorithm_args`` maps an algorithm name to its hyperparameters (validated by the algorithm's ``Params``). Every
+numeric key and hyperparameter is checked for type and range by its rule in ``ranges.py`` when the config is read.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or key is malformed; the message names the key and what was expected."""
+from .errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from .ranges import CONFIG_RULES, check_params
 
 
 @dataclass
@@ -159,7 +159,11 @@ _BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0":
 
 
 def _coerce(section: str, key: str, value: Any, default: Any, ftype: Any) -> Any:
-    """Strict typing: booleans never come from arbitrary strings (the reference's ``--ctx_init False`` defect D5)."""
+    """Strict typing: numbers by their ``ranges.CONFIG_RULES`` rule; booleans never come from arbitrary strings (the
+    reference's ``--ctx_init False`` defect D5); strings never from YAML mappings or lists."""
+    rule = CONFIG_RULES.get(f"{section}.{key}")
+    if rule is not None:
+        return rule.check(f"{section}.{key}", value)
     tname = str(ftype)
     if value is None:
         return None
@@ -169,25 +173,10 @@ def _coerce(section: str, key: str, value: Any, default: Any, ftype: Any) -> Any
         if isinstance(value, str) and value.lower() in _BOOL:
             return _BOOL[value.lower()]
         raise ConfigError(f"{section}.{key}: expected a boolean (true/false), got {value!r}")
-    try:
-        if tname in ("int", "<class 'int'>") or (isinstance(default, int) and not isinstance(default, bool)
-                                                  and "Optional" not in tname):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tname in ("float", "<class 'float'>") or isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{section}.{key}: expected a number, got {value!r}") from None
     if (tname in ("str", "<class 'str'>", "Optional[str]") or isinstance(default, str)) and \
             isinstance(value, (dict, list)):
         raise ConfigError(f"{section}.{key}: expected a string, got a {type(value).__name__} {value!r} "
                           "(YAML reads 'a: b' inside a value as a mapping: quote the whole value)")
-    if "Optional[int]" in tname and isinstance(value, (str, float)):
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{section}.{key}: expected an integer or null, got {value!r}") from None
     return value
 
 
@@ -215,7 +204,13 @@ def from_dict(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
                 kwargs[k] = _coerce(sec, k, v, default, f.type)
             setattr(cfg, sec, cls(**kwargs))
         elif sec == "algorithm_args":
-            cfg.algorithm_args = {str(k).lower(): dict(v or {}) for k, v in body.items()}
+            cfg.algorithm_args = {}
+            for algo, params in body.items():
+                if params is not None and not isinstance(params, dict):
+                    raise ConfigError(f"algorithm_args.{algo}{where}: expected a mapping of hyperparameters, "
+                                      f"got {params!r}")
+                name = str(algo).lower()
+                cfg.algorithm_args[name] = check_params(f"algorithm_args.{name}", dict(params or {}))
         elif sec in FREE_SECTIONS or sec.endswith("_args"):
             cfg.extra_sections[sec] = dict(body)
         else:
@@ -227,6 +222,13 @@ def from_dict(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
                                   "must be unique)")
             seen[k] = sec
     return cfg
+
+
+def check_ranges(cfg: Config) -> None:
+    """Check every numeric key of a built ``Config`` against its rule again (for a config changed in code)."""
+    for dotted, rule in CONFIG_RULES.items():
+        section, key = dotted.split(".")
+        rule.check(dotted, getattr(getattr(cfg, section), key))
 
 
 PACKAGE_PREFIX = "package:"

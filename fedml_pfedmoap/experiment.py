@@ -16,7 +16,7 @@ from .algorithms import get_algorithm
 from .algorithms.base import Algorithm, Runtime
 from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
-from .config import Config, ConfigError, resolve_pretrained
+from .config import Config, ConfigError, check_ranges, resolve_pretrained
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
 from .data.transforms import cifar_legacy_transform, test_transform, train_transform
@@ -135,10 +135,7 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
         raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
     check_cifar_transform(cfg)
-    if cfg.data_args.num_workers < 0:
-        raise ConfigError(f"data_args.num_workers: expected an integer >= 0, got {cfg.data_args.num_workers}")
-    if t.train_clients_per_call < 1:
-        raise ConfigError(f"train_args.train_clients_per_call: expected an integer >= 1, got {t.train_clients_per_call}")
+    check_ranges(cfg)
     if cfg.device_args.num_threads:
         torch.set_num_threads(int(cfg.device_args.num_threads))
     device = resolve_device(cfg)

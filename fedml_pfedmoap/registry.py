@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, Generic, List, TypeVar
 
+from .errors import UnknownNameError
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         key = str(name).lower()
         if key not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}")
         return self._entries[key]
 
     def __contains__(self, name: object) -> bool:

@@ -123,9 +123,17 @@ def test_dirichlet_matches_reference_and_proportions():
 
 
 def test_dirichlet_retry_bound_raises_clear_error():
-    ds = synthetic(3, 5, 2)
-    with pytest.raises(PartitionError, match=r"min_size=50 .* after 7 attempts \(largest minimum seen: \d+\)"):
-        make_partition(ds, "dirichlet", 4, data_seed=0, alpha=0.5, min_size=50, max_attempts=7)
+    ds = synthetic(3, 40, 40)  # 120 items per split: enough for 4 clients × 25, but a skewed draw rarely gives it
+    with pytest.raises(PartitionError, match=r"min_size=25 .* after 7 attempts \(largest minimum seen: \d+\)"):
+        make_partition(ds, "dirichlet", 4, data_seed=0, alpha=0.05, min_size=25, max_attempts=7)
+
+
+@pytest.mark.parametrize("clients,min_size", [(1000, 10), (700, 1), (130, 10)])
+def test_dirichlet_with_too_few_samples_says_so(clients, min_size):
+    ds = synthetic(10, 120, 60)  # 1,200 training and 600 test images
+    with pytest.raises(PartitionError, match=rf"too few samples for {clients} clients: 1200 training and 600 test "
+                                             rf"images, .*\({clients * min_size} per split\); use fewer clients"):
+        make_partition(ds, "dirichlet", clients, data_seed=0, alpha=0.5, min_size=min_size)
 
 
 def test_domain_dirichlet_domain_major_ids():

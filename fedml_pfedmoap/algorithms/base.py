@@ -25,8 +25,10 @@ from torch import nn
 
 from ..clip.backbone import ClipBackbone
 from ..clip.prompt import TextEncoder
+from ..errors import ConfigError
 from ..federated.features import Batch, FeatureSet
 from ..privacy import DPConfig, GaussianUploadMechanism
+from ..ranges import check_params
 from ..registry import Registry
 from .training import fit_clients
 
@@ -130,8 +132,8 @@ class Algorithm:
         valid = {f.name for f in dataclasses.fields(cls.Params)}
         unknown = sorted(set(params) - valid)
         if unknown:
-            raise ValueError(f"algorithm_args.{cls.name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls.Params(**params)
+            raise ConfigError(f"algorithm_args.{cls.name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls.Params(**check_params(f"algorithm_args.{cls.name}", params))
 
     # ---- server half -------------------------------------------------------------------------------------------
     def init_server(self) -> None:

@@ -50,10 +50,6 @@ class FedOTPParams(PersonalParams):
             raise ValueError(f"{where}.ot_method: expected one of {METHODS}, got {self.ot_method!r}")
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"{where}.on_nonfinite: expected one of {NONFINITE_MODES}, got {self.on_nonfinite!r}")
-        if not self.eps > 0 or not 0 < self.gamma <= 1:
-            raise ValueError(f"{where}: expected eps > 0 and 0 < gamma <= 1, got eps={self.eps}, gamma={self.gamma}")
-        if self.max_iter < 1 or self.check_every < 1 or self.eval_chunk < 1:
-            raise ValueError(f"{where}: max_iter, check_every and eval_chunk must be >= 1")
 
 
 def patch_text_similarity(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

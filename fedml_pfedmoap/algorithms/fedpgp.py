@@ -33,13 +33,6 @@ class FedPGPParams(PersonalParams):
     mu: float = 0.5  # contrastive weight (script value; the argparse default is 1)
     tau: float = 0.5  # contrastive temperature
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"algorithm_args.fedpgp.rank: expected an integer >= 1, got {self.rank}")
-        if self.tau <= 0 or self.mu < 0:
-            raise ValueError(f"algorithm_args.fedpgp: expected tau > 0 and mu >= 0, got tau={self.tau}, mu={self.mu}")
-
 
 def contrastive_loss(f0: torch.Tensor, f_sigma: torch.Tensor, f_full: torch.Tensor, tau: float) -> torch.Tensor:
     """L_con over classes: 2-way CE, target 0, on [cos(f₀, f_σ), cos(f_σ, f_full)]/τ; inputs (C, D) normalized."""

@@ -19,11 +19,6 @@ from .base import PromptAlgorithm, PromptParams, register_algorithm
 class FedProxParams(PromptParams):
     mu: float = 0.5  # proximal weight μ
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mu < 0:
-            raise ValueError(f"algorithm_args.fedprox.mu: expected a value >= 0, got {self.mu}")
-
 
 @register_algorithm("fedprox")
 class FedProx(PromptAlgorithm):

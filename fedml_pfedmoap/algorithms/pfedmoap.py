@@ -53,20 +53,9 @@ class PFedMoAPParams(PromptParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         where = "algorithm_args.pfedmoap"
+        # numeric keys: type and range checked by ranges.PARAM_RULES in parse_params
         if not isinstance(self.uniform_gate, bool):
             raise ValueError(f"{where}.uniform_gate: expected true/false, got {self.uniform_gate!r}")
-        numeric = ["lam", "num_experts", "heads", "scaling", "gate_lr"]
-        for key in numeric + ([] if self.d_gating is None else ["d_gating"]):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
-        if float(self.lam) < 0:
-            raise ValueError(f"{where}.lam: expected >= 0, got {self.lam}")
-        if int(self.num_experts) < 1:
-            raise ValueError(f"{where}.num_experts: expected >= 1 (K+1, counting the local expert), "
-                             f"got {self.num_experts}")
-        if int(self.heads) < 1:
-            raise ValueError(f"{where}.heads: expected >= 1, got {self.heads}")
         if self.gating not in ("attention", "linear"):
             raise ValueError(f"{where}.gating: expected 'attention' or 'linear', got {self.gating!r}")
         if self.gate_aggregation not in ("local", "fedavg"):
@@ -80,11 +69,6 @@ class PFedMoAPParams(PromptParams):
         self.expert_selection = SELECTIONS[self.expert_selection]
         if self.pool_snapshot not in ("round_start", "live"):
             raise ValueError(f"{where}.pool_snapshot: expected 'round_start' or 'live', got {self.pool_snapshot!r}")
-        if float(self.scaling) <= 0 or float(self.gate_lr) < 0:
-            raise ValueError(f"{where}: expected scaling > 0 and gate_lr >= 0, got {self.scaling}, {self.gate_lr}")
-        self.lam, self.num_experts, self.heads = float(self.lam), int(self.num_experts), int(self.heads)
-        self.scaling, self.gate_lr = float(self.scaling), float(self.gate_lr)
-        self.d_gating = None if self.d_gating is None else int(self.d_gating)
 
 
 class MoAPModel(CoOpModel):

@@ -82,11 +82,6 @@ class DualPromptModel(CoOpModel):
 class PromptFolioParams(PersonalParams):
     theta: float = 0.4  # frac_p: weight of the local text feature (README value; FLiP uses 0.2)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.theta <= 1.0:
-            raise ValueError(f"algorithm_args.promptfolio.theta: expected a value in [0, 1], got {self.theta}")
-
 
 class PromptFolioModel(DualPromptModel):
     """logits = s · Î · ((1-θ)·T̂_g + θ·T̂_l)ᵀ; each text feature normalized before mixing, the mix is not."""

@@ -1,12 +1,15 @@
 """Loading a frozen open_clip model and encoding images (pooled feature and projected patch tokens).
 
 ``load_clip(name, pretrained)`` accepts any open_clip model name (``open_clip.list_models()``) plus the configs shipped in
-``fedml_pfedmoap/model_configs`` (``tiny-clip``, random init, for tests). ``pretrained`` is ``None`` (random init), an
-open_clip tag such as ``openai`` (downloads; needs internet) or a local checkpoint path (state dict, ``.safetensors``
-or ``{"state_dict": ...}``). The model is frozen and kept in eval mode (docs/algorithms.md §Shared setting).
+``fedml_pfedmoap/model_configs`` (``tiny-clip``, random init, for tests; ``mini-clip``). ``pretrained`` is ``None``
+(random init), an open_clip tag such as ``openai`` (read from the Hugging Face / open_clip caches; downloaded only when
+the network answers) or a local checkpoint file in any format ``clip/weights.py`` reads (open_clip state dict,
+``.safetensors``, OpenAI TorchScript archive or its state dict). The model is frozen and kept in eval mode
+(docs/algorithms.md §Shared setting).
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import logging
@@ -16,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
@@ -157,27 +162,44 @@ def attention_pool_all_queries(pool: nn.Module, x: torch.Tensor) -> torch.Tensor
     return out.permute(1, 0, 2)
 
 
+def check_model_name(name: str) -> None:
+    """A ``ConfigError`` for a name that is neither an open_clip model nor one of ``model_configs``: the closest
+    accepted names and how to list them all."""
+    valid = list_models()
+    if name in valid:
+        return
+    by_lower = {v.lower(): v for v in valid}
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=8, cutoff=0.4)]
+    hint = f"closest accepted names: {', '.join(close)}; " if close else ""
+    raise ConfigError(f"model_args.model: unknown model {name!r}; {hint}all {len(valid)} accepted names are printed "
+                      "by: python -c \"from fedml_pfedmoap.clip.backbone import list_models; print(list_models())\"")
+
+
 def load_clip(name: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu",
               force_quick_gelu: bool = False) -> ClipBackbone:
-    """Build a frozen open_clip model by name with random init, a pretrained tag or a local checkpoint path."""
-    oc = _open_clip()
-    valid = oc.list_models()
-    if name not in valid:
-        raise ValueError(f"unknown model {name!r} (model_args.model); valid open_clip names include: "
-                         f"{', '.join(sorted(valid)[:40])}, ... (see open_clip.list_models())")
+    """Build a frozen open_clip model by name with random init, a pretrained tag or a local checkpoint file.
+
+    A file may be in any format ``clip/weights.py`` reads; OpenAI-format files (and tags whose open_clip config says
+    so) get QuickGELU, the activation OpenAI trained with.
+    """
+    from .compact import quiet_init
+    from .weights import fit_weights, read_weights, resolve_weights
+
+    check_model_name(name)
     if pretrained in ("", "none", "None"):
         pretrained = None
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth"))):
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model_args.pretrained: checkpoint file {pretrained!r} does not exist")
-    from .compact import is_compact, quiet_init, read_state
-
-    packed = bool(pretrained) and Path(pretrained).is_file() and is_compact(pretrained)
-    with (quiet_init() if packed else warnings.catch_warnings()):
-        warnings.simplefilter("ignore")
-        model = oc.create_model(name, pretrained=None if packed else pretrained, device=device,
-                                force_quick_gelu=force_quick_gelu)
-    if packed:  # compact safetensors (clip/compact.py): expanded exactly, then loaded strictly
-        model.load_state_dict(read_state(pretrained))
+    state, tag_cfg, path = None, {}, None
+    if pretrained:
+        path, tag_cfg = resolve_weights(name, pretrained)
+        state, openai = read_weights(path)
+        if (openai or tag_cfg.get("quick_gelu")) and not force_quick_gelu:
+            logger.info("%s: OpenAI-trained weights, so the model uses QuickGELU", path)
+            force_quick_gelu = True
+    with quiet_init():
+        model = _open_clip().create_model(name, pretrained=None, device="cpu", force_quick_gelu=force_quick_gelu)
+    if state is not None:
+        fit_weights(model, state, path, name)
+        if tag_cfg.get("mean") and tag_cfg.get("std"):
+            model.visual.image_mean, model.visual.image_std = tuple(tag_cfg["mean"]), tuple(tag_cfg["std"])
     logger.info("loaded %s (pretrained=%s)", name, pretrained)
     return ClipBackbone(model, name, pretrained).to(device)

@@ -14,12 +14,13 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from ..registry import Registry
 
 DATASETS: Registry[Callable[..., "ImageDataset"]] = Registry("dataset")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset is missing or malformed: the message names the dataset, the paths looked at and the layout expected."""
 
 
@@ -77,8 +78,13 @@ class FileSplit(SplitData):
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def image(self, i: int) -> Image.Image:
-        with Image.open(self.image_root / self.paths[i]) as img:
-            return img.convert("RGB")
+        path = self.image_root / self.paths[i]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, corrupt, foreign
+            raise DatasetError(f"image {path}: cannot be decoded ({err}); replace the file or remove it from the "
+                               "dataset's list") from None
 
     def item_keys(self) -> Sequence[str]:
         return self.paths

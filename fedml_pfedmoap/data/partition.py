@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import UserError
 from ..registry import Registry
 from .base import DatasetError, ImageDataset
 
@@ -26,7 +27,7 @@ PARTITIONER_VERSION = 1
 PARTITIONERS: Registry[Callable[..., "tuple[list, list]"]] = Registry("partition method")
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """A partition cannot be built with the requested parameters."""
 
 
@@ -104,6 +105,11 @@ def dirichlet_split(tr_lab: np.ndarray, te_lab: np.ndarray, tr_pool: np.ndarray,
                     num_clients: int, alpha: float, min_size: int, rng: np.random.Generator,
                     max_attempts: int = 1000, what: str = "dirichlet"):
     """Hsu et al. label skew over the items in ``tr_pool``/``te_pool``; same per-class proportions for test."""
+    need = num_clients * max(1, int(min_size))
+    if len(tr_pool) < need or len(te_pool) < need:
+        raise PartitionError(f"{what}: too few samples for {num_clients} clients: {len(tr_pool)} training and "
+                             f"{len(te_pool)} test images, but every client needs at least max(1, min_size={min_size}) "
+                             f"of each ({need} per split); use fewer clients (train_args.client_num_in_total)")
     cap = len(tr_pool) / num_clients
     classes = np.unique(np.concatenate([tr_lab[tr_pool], te_lab[te_pool]]))
     best = -1

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import logging
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..config import SECTIONS, Config, ConfigError, from_dict, read_raw
+from ..ranges import INT_POS
+
+logger = logging.getLogger(__name__)
 
 # FedML keys the suite does not model; accepted in any section and handed to FedML as they are.
 FEDML_KEYS = frozenset({
@@ -28,6 +33,13 @@ REDIRECTED = {
     "learning_rate": "algorithm_args.<algorithm>.lr", "client_optimizer": "nothing (prompt methods use SGD, §10)",
     "weight_decay": "algorithm_args.<algorithm>.weight_decay", "partition_file": "data_args.partition_method",
 }
+# FedML keys with a meaning here (applied by ``apply_fedml_keys``) and FedML keys that are read but ignored.
+FEDML_PARTITIONS = {"hetero": "dirichlet"}  # FedML's label-skew name; its partition_alpha is the Dirichlet α
+IGNORED = {
+    "client_id_list": "clients are 0..train_args.client_num_in_total-1, sampled by the run's seeded schedule",
+    "gpu_id": "the device comes from device_args.device (cpu, cuda or cuda:N)",
+}
+_WARNED: Set[str] = set()
 TRAINING_TYPES = ("simulation", "cross_silo")
 CROSS_SILO_BACKENDS = ("MPI", "GRPC")
 ALGORITHM_KEY = "pfedmoap_algorithm"  # the registry name (FedML's own ``federated_optimizer`` says FedAvg)
@@ -84,6 +96,7 @@ def load_plugin_config(path: str | Path, overrides: Optional[List[str]] = None) 
     p = Path(path)
     raw = read_raw(p, overrides, what="--cf: config file")
     suite, fedml_keys = split_raw(raw, f" in {p}")
+    apply_fedml_keys(suite, fedml_keys, p.resolve().parent)
     pc = PluginConfig(from_dict(suite, source=str(p)), fedml_keys, p.resolve().parent)
     validate(pc)
     return pc
@@ -106,19 +119,53 @@ def config_from_namespace(ns: Any) -> PluginConfig:
             raw.setdefault("train_args", {})[field] = getattr(ns, key)
     raw["algorithm_args"] = {a: dict(getattr(ns, a)) for a in list_algorithms() if isinstance(getattr(ns, a, None), dict)}
     fedml_keys = {k: getattr(ns, k) for k in FEDML_KEYS if hasattr(ns, k)}
+    apply_fedml_keys(raw, fedml_keys, None, warn=False)
     pc = PluginConfig(from_dict(raw, source="<fedml args>"), fedml_keys, None)
     validate(pc)
     return pc
 
 
-def resolve_path(pc: PluginConfig, value: Optional[str]) -> Optional[str]:
+def apply_fedml_keys(suite: Dict[str, Any], fedml_keys: Dict[str, Any], folder: Optional[Path],
+                     warn: bool = True) -> None:
+    """Give FedML's own keys their meaning in the suite's raw sections (before validation), and warn (once per key
+    and process) about the ones that are ignored.
+
+    ``partition_method: hetero`` -> ``dirichlet`` (with ``partition_alpha``); ``data_cache_dir`` -> the data root
+    when ``data_args.data_root`` is not set; ``frequency_of_the_test`` -> ``train_args.eval_every`` (evaluation every
+    N rounds and after the last one).
+    """
+    data = suite.setdefault("data_args", {})
+    method = str(data.get("partition_method", ""))
+    if method.lower() in FEDML_PARTITIONS:
+        data["partition_method"] = FEDML_PARTITIONS[method.lower()]
+    cache_dir = fedml_keys.get("data_cache_dir")
+    if cache_dir and not data.get("data_root"):
+        data["data_root"] = _relative_to(folder, os.path.expanduser(str(cache_dir)))
+    if fedml_keys.get("frequency_of_the_test") is not None:
+        every = INT_POS.check("frequency_of_the_test", fedml_keys["frequency_of_the_test"])
+        train = suite.setdefault("train_args", {})
+        if train.get("eval_every") not in (None, every):
+            raise ConfigError(f"frequency_of_the_test={every} and train_args.eval_every={train['eval_every']} "
+                              "disagree; set one of them")
+        train["eval_every"] = every
+    present = set(fedml_keys) | set(suite.get("device_args") or {})
+    for key in sorted(set(IGNORED) & present):
+        if warn and key not in _WARNED:
+            _WARNED.add(key)
+            logger.warning("%s is ignored by fedml_pfedmoap: %s", key, IGNORED[key])
+
+
+def _relative_to(folder: Optional[Path], value: str) -> str:
     """A relative path in the YAML: relative to the YAML's folder when it exists there, else to the working dir."""
-    if not value:
-        return value
     p = Path(value)
-    if not p.is_absolute() and pc.source is not None and (pc.source / p).exists():
-        return str(pc.source / p)
+    if not p.is_absolute() and folder is not None and (folder / p).exists():
+        return str(folder / p)
     return str(p)
+
+
+def resolve_path(pc: PluginConfig, value: Optional[str]) -> Optional[str]:
+    """A relative path of the YAML (see ``_relative_to``), None and empty strings unchanged."""
+    return _relative_to(pc.source, value) if value else value
 
 
 def validate(pc: PluginConfig) -> None:
@@ -153,8 +200,6 @@ def validate(pc: PluginConfig) -> None:
     if workers != t.client_num_per_round:
         raise ConfigError(f"device_args.worker_num={workers}: FedML cross-silo trains one client per worker per "
                           f"round, so it must equal train_args.client_num_per_round={t.client_num_per_round}")
-    if cfg.comm_args.round_timeout_s <= 0:
-        raise ConfigError("comm_args.round_timeout_s must be > 0 seconds")
     if cfg.comm_args.backend == "GRPC":
         check_grpc_ipconfig(resolve_path(pc, cfg.comm_args.grpc_ipconfig_path), workers)
 
@@ -211,8 +256,7 @@ def to_fedml_namespace(pc: PluginConfig, rank: int = 0, role: Optional[str] = No
     setattr(ns, ALGORITHM_KEY, cfg.train_args.federated_optimizer)
     setattr(ns, ROUNDS_KEY, cfg.train_args.comm_round)
     ns.worker_num = worker_num(cfg)
-    if not hasattr(ns, "frequency_of_the_test"):
-        ns.frequency_of_the_test = 1
+    ns.frequency_of_the_test = cfg.train_args.eval_every  # FedML's name of the same schedule
     ns.grpc_ipconfig_path = resolve_path(pc, cfg.comm_args.grpc_ipconfig_path)
     ns.random_seed = cfg.common_args.random_seed
     if cfg.common_args.training_type == "cross_silo":

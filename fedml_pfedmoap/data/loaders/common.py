@@ -66,8 +66,9 @@ def resolve_root(dataset: str, root: Optional[str]) -> Path:
     """``root`` from the config, else the ``PFEDMOAP_DATA_ROOT`` environment variable; never a download."""
     chosen = root if root not in (None, "") else os.environ.get(ROOT_ENV)
     if not chosen:
-        raise DatasetError(f"dataset {dataset!r}: no data root given; set data_args.data_root (or the {ROOT_ENV} "
-                           "environment variable) to the folder that holds the dataset. Nothing is downloaded.")
+        raise DatasetError(f"dataset {dataset!r}: no data root given; set data_args.data_root (in a FedML config also "
+                           f"data_cache_dir, or the {ROOT_ENV} environment variable) to the folder that holds the "
+                           "dataset. Nothing is downloaded.")
     return Path(os.path.expanduser(str(chosen)))
 
 
@@ -92,8 +93,9 @@ def load_with_layouts(dataset: str, root: Optional[str], layout: str, readers: D
     looked = "\n".join(f"  [{lay or 'root'}] {path}: {status}" for lay, path, status in probe.looked)
     wanted = "\n".join(f"  {k}: {expected[k]}" for k in order or [k for k in LAYOUT_ORDER if k in readers])
     raise DatasetError(f"dataset {dataset!r} not found under data root {str(base)!r} (layout: {layout}).\n"
-                       f"Paths looked at:\n{looked}\nExpected layout (<root> = data_args.data_root):\n{wanted}\n"
-                       "Nothing is downloaded: place the files there, or point data_args.data_root/layout at them.")
+                       f"Paths looked at:\n{looked}\nExpected layout (<root> = data_args.data_root, or a FedML config's "
+                       f"data_cache_dir):\n{wanted}\nNothing is downloaded: place the files there, or point "
+                       "data_args.data_root (data_cache_dir) and data_args.layout at them.")
 
 
 def check_files(probe: Probe, image_root: Path, relpaths: Sequence[str], expected: str, show: int = 5) -> None:
