@@ -61,7 +61,7 @@ def test_grpc_csv_needs_fedml_096_header_and_every_rank(tmp_path):
         load_plugin_config(cfg)
 
 
-# ---- guard, state store, watchdog ---------------------------------------------------------------------------------
+# ---- guard, state store (the watchdog: test_peer_gone.py) -----------------------------------------------------
 def test_is_loopback():
     from fedml_pfedmoap.fedml_plugin.guard import is_loopback
 
@@ -89,29 +89,6 @@ def test_state_store_roundtrip_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match="not a state of client 5"):
         store.load(5)
     assert ClientStateStore(tmp_path, "run-2", lambda i: {}).load(3) == {}  # another run never reads it
-
-
-def test_watchdog_names_the_missing_rank():
-    from fedml_pfedmoap.fedml_plugin.watchdog import RoundWatchdog
-
-    fired = []
-    wd = RoundWatchdog(0, round_timeout_s=0.3, on_expire=fired.append, poll_s=0.02)
-    wd.wait_for([1, 2, 3], "round 4: waiting for uploads")
-    wd.heard(1)
-    wd.heard(3)
-    wd.start()
-    time.sleep(1.0)
-    assert len(fired) == 1 and "round 4" in fired[0] and "rank(s) [2]" in fired[0]
-    sticky = RoundWatchdog(2, round_timeout_s=0.4, on_expire=fired.append, poll_s=0.02, sticky=True).start()
-    sticky.wait_for([0], "waiting for the server")
-    for _ in range(5):  # messages from the server keep a worker alive ...
-        time.sleep(0.2)
-        sticky.heard(0)
-    assert len(fired) == 1 and sticky.pending() == {0}
-    sticky.pause()  # ... and so does training
-    time.sleep(0.6)
-    assert len(fired) == 1
-    sticky.stop()
 
 
 # ---- the adapters' protocol, in process ----------------------------------------------------------------------------
