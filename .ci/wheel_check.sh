@@ -18,8 +18,8 @@ echo "== wheel check: build"
 # From a copy of the files git would commit (tracked + untracked, not ignored): an in-tree build would leave build/ and
 # *.egg-info in the checkout, and a stale build/lib could put deleted modules into the wheel.
 mkdir -p "$WORK/src"
-git -C "$REPO" ls-files -z -co --exclude-standard | (cd "$REPO" && xargs -0 tar -cf - --ignore-failed-read 2>/dev/null) \
-  | tar -xf - -C "$WORK/src"
+git -C "$REPO" ls-files -z -co --exclude-standard \
+  | (cd "$REPO" && xargs -0 tar -cf - --ignore-failed-read 2>/dev/null) | tar -xf - -C "$WORK/src"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 \
   || { tail -20 "$WORK/build.log" >&2; fail "pip wheel"; }
 WHEEL="$(ls "$WORK"/dist/fedml_pfedmoap-*.whl)"
@@ -70,5 +70,6 @@ pfedmoap-bench run --config "$REPO/configs/quickstart.yaml" --no-progress \
   --set common_args.output_dir="$WORK/outside/results" --set common_args.cache_dir="$WORK/outside/cache" \
   --set tracking_args.mlflow_tracking_uri="sqlite:///$WORK/outside/mlflow.db" >"$WORK/run.log" 2>&1 \
   || { tail -30 "$WORK/run.log" >&2; fail "quickstart cell"; }
-grep -q "^ran 1 cell(s)" "$WORK/run.log" || { tail -30 "$WORK/run.log" >&2; fail "quickstart cell: expected 'ran 1 cell(s)'"; }
+grep -q "^ran 1 cell(s)" "$WORK/run.log" \
+  || { tail -30 "$WORK/run.log" >&2; fail "quickstart cell: expected 'ran 1 cell(s)'"; }
 echo "== wheel check: passed"

@@ -93,7 +93,8 @@ def build(job_yaml: str | os.PathLike, dest: str | os.PathLike) -> List[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedml_pfedmoap.fedml_plugin.launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedml_pfedmoap.fedml_plugin.launch",
+                                description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build client/server packages of a job file (offline)")
     b.add_argument("job", help="a job file of configs/launch/")

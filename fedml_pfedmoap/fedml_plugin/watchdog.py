@@ -43,7 +43,7 @@ def peer_gone_line(rank: int, missing: Iterable[int], reason: str) -> str:
 
 
 class PeerUnreachable(ConnectionError):
-    """Rank ``rank`` lost ``missing``; ``str()`` is the ``peer_gone_line`` (raised where ending at once is not wanted)."""
+    """Rank ``rank`` lost ``missing``; ``str()`` is the ``peer_gone_line`` (raised where FedML may still handle it)."""
 
     def __init__(self, rank: int, missing: Iterable[int], reason: str) -> None:
         self.rank, self.missing, self.reason = int(rank), sorted({int(m) for m in missing}), reason
