@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable, List, NoReturn, Optional, Set
 
 logger = logging.getLogger(__name__)
 EXIT_PEER_GONE = 3
-EXIT_TIMEOUT = EXIT_PEER_GONE  # the name this status had when timeouts were the only way to notice
 EXIT_FAILURE = 1
 REASONS = ("timed out", "send failed", "receive failed", "unreachable")
 
