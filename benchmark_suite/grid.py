@@ -213,12 +213,8 @@ def _list(b: Mapping[str, Any], key: str, kinds: tuple, what: str) -> List[Any]:
 
 
 def _valid_datasets() -> List[str]:
-    from fedml_pfedmoap.data import base, embedded  # noqa: F401  (registers the embedded datasets)
+    from fedml_pfedmoap.data import base, embedded, loaders  # noqa: F401  (registration)
 
-    try:
-        from fedml_pfedmoap.data import loaders  # noqa: F401
-    except ImportError:  # pragma: no cover - loaders are optional while the package grows
-        pass
     return base.DATASETS.names()
 
 

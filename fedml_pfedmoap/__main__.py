@@ -9,7 +9,7 @@ The same command serves every FedML mode the config names (docs/fedml.md §Stack
 
 ``--set section.key=value`` overrides config keys. FedML runs offline (see ``fedml_plugin/guard.py``); its files go
 under ``tracking_args.log_file_dir`` (default ``<output_dir>/fedml``). Exit status: 0 done, 2 bad config, 1 failure,
-3 round timeout (a peer went missing; the message names its rank).
+3 a peer is gone (one line ``fedml_pfedmoap: rank R: peer(s) gone: rank(s) [..]: <reason>``; see docs/fedml.md).
 """
 from __future__ import annotations
 
@@ -70,14 +70,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fedml_pfedmoap: simulation finished: {result}", flush=True)
         return 0
     from .fedml_plugin.cross_silo import run_cross_silo
-    from .fedml_plugin.watchdog import EXIT_FAILURE
+    from .fedml_plugin.watchdog import EXIT_FAILURE, PeerUnreachable, end_process, report_peer_gone
 
     try:
         run_cross_silo(pc, ns)
+    except PeerUnreachable as err:  # the one peer-gone line (see fedml_plugin/watchdog.py), status 3
+        report_peer_gone(err.rank, err.missing, err.reason)
     except BaseException as err:  # noqa: BLE001 - any failure must end the process (peers time out on their own)
         traceback.print_exc()
         print(f"fedml_pfedmoap: rank {ns.rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        os._exit(EXIT_FAILURE)
+        end_process(EXIT_FAILURE)
     print(f"fedml_pfedmoap: rank {ns.rank} ({ns.role}) finished", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 MPIEXEC = str(Path(PY).parent / "mpiexec")
+# The documented peer-gone line (docs/fedml.md "Timeouts"), written here independently of the code that prints it.
+PEER_GONE = re.compile(r"^fedml_pfedmoap: rank (\d+): peer\(s\) gone: rank\(s\) \[(\d+(?:, \d+)*)\]: "
+                       r"(timed out|send failed|receive failed|unreachable): (\S.*)$", re.M)
+
+
+def peer_gone_lines(text: str) -> List[Tuple[int, List[int], str, str]]:
+    """``[(rank, [missing...], reason kind, detail)]`` for every peer-gone line in ``text``."""
+    return [(int(m[1]), [int(x) for x in m[2].split(", ")], m[3], m[4]) for m in PEER_GONE.finditer(text)]
 
 
 def write_config(tmp: Path, base: str, overrides: Dict[str, Dict], name: str = "cfg.yaml") -> Path:

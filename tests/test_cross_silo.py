@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from fedml_helpers import MPIEXEC, PY, Procs, child_env, free_ports, grpc_csv, mlflow_metric, write_config
+from fedml_helpers import (MPIEXEC, PY, Procs, child_env, free_ports, grpc_csv, mlflow_metric, peer_gone_lines,
+                           write_config)
 from tree_compare import deep_equal
 
 from fedml_pfedmoap.fedml_plugin.config import load_plugin_config
@@ -108,7 +108,14 @@ def test_mpi_cross_silo_pfedmoap(tmp_path):
 
 
 def test_killed_client_ends_every_process_within_the_timeout(tmp_path):
-    """SIGKILL one worker mid-run: the server and the other worker exit non-zero, naming the missing rank."""
+    """SIGKILL one worker mid-run: the server and the other worker each end with the one peer-gone line and status 3.
+
+    Which of them notices first, and how, depends on where the kill lands (the server may time out waiting for the
+    upload, or fail to send the next download; the worker may time out waiting for the server, or fail to send its
+    upload to a server that already ended). Every such outcome is legitimate; the contract is the line's format, the
+    status, the missing rank (the server names rank 2, possibly with rank 1 if that worker was slow too; the worker
+    names rank 0) and an end within twice the round timeout.
+    """
     timeout_s = 15
     csv = grpc_csv(tmp_path, free_ports(3))
     cfg = write_config(tmp_path, "cross_silo_grpc.yaml", {
@@ -132,11 +139,15 @@ def test_killed_client_ends_every_process_within_the_timeout(tmp_path):
         os.killpg(procs.items["rank2"].pid, signal.SIGKILL)
         killed = time.monotonic()
         procs.items.pop("rank2").wait(10)
-        rc = procs.wait_all(timeout_s + 60)
+        rc = procs.wait_all(2 * timeout_s + 60)
         elapsed = time.monotonic() - killed
     finally:
         procs.close()
-    assert rc["rank0"] not in (0, None) and rc["rank1"] not in (0, None), (rc, procs.log("rank0")[-2000:])
-    assert elapsed < timeout_s + 30, elapsed
-    assert re.search(r"rank(\(s\))? \[?2\b", procs.log("rank0")), procs.log("rank0")[-2000:]
-    assert "rank(s) [0]" in procs.log("rank1"), procs.log("rank1")[-2000:]
+    logs = {k: procs.log(k)[-2000:] for k in rc}
+    assert rc == {"rank0": 3, "rank1": 3}, (rc, logs)
+    assert elapsed < 2 * timeout_s + 30, (elapsed, logs)
+    server, worker = peer_gone_lines(procs.log("rank0")), peer_gone_lines(procs.log("rank1"))
+    assert len(server) == 1 and len(worker) == 1, logs  # one line each, whichever way the loss was noticed
+    (s_rank, s_missing, s_kind, _), (w_rank, w_missing, w_kind, _) = server[0], worker[0]
+    assert s_rank == 0 and 2 in s_missing and set(s_missing) <= {1, 2} and s_kind in ("timed out", "send failed"), logs
+    assert (w_rank, w_missing) == (1, [0]) and w_kind in ("timed out", "send failed"), logs

@@ -1,12 +1,9 @@
 """FedML plugin: config mapping, offline guard, state store, watchdog, the adapters' protocol (in process), the
-FedML-simulation path against the in-process simulator, and `fedml federate build` of every launch job file."""
+FedML-simulation path against the in-process simulator (launch packages: test_launch_build.py)."""
 from __future__ import annotations
 
 import json
 import subprocess
-import time
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +58,7 @@ def test_grpc_csv_needs_fedml_096_header_and_every_rank(tmp_path):
         load_plugin_config(cfg)
 
 
-# ---- guard, state store, watchdog ---------------------------------------------------------------------------------
+# ---- guard, state store (the watchdog: test_peer_gone.py) -----------------------------------------------------
 def test_is_loopback():
     from fedml_pfedmoap.fedml_plugin.guard import is_loopback
 
@@ -89,29 +86,6 @@ def test_state_store_roundtrip_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match="not a state of client 5"):
         store.load(5)
     assert ClientStateStore(tmp_path, "run-2", lambda i: {}).load(3) == {}  # another run never reads it
-
-
-def test_watchdog_names_the_missing_rank():
-    from fedml_pfedmoap.fedml_plugin.watchdog import RoundWatchdog
-
-    fired = []
-    wd = RoundWatchdog(0, round_timeout_s=0.3, on_expire=fired.append, poll_s=0.02)
-    wd.wait_for([1, 2, 3], "round 4: waiting for uploads")
-    wd.heard(1)
-    wd.heard(3)
-    wd.start()
-    time.sleep(1.0)
-    assert len(fired) == 1 and "round 4" in fired[0] and "rank(s) [2]" in fired[0]
-    sticky = RoundWatchdog(2, round_timeout_s=0.4, on_expire=fired.append, poll_s=0.02, sticky=True).start()
-    sticky.wait_for([0], "waiting for the server")
-    for _ in range(5):  # messages from the server keep a worker alive ...
-        time.sleep(0.2)
-        sticky.heard(0)
-    assert len(fired) == 1 and sticky.pending() == {0}
-    sticky.pause()  # ... and so does training
-    time.sleep(0.6)
-    assert len(fired) == 1
-    sticky.stop()
 
 
 # ---- the adapters' protocol, in process ----------------------------------------------------------------------------
@@ -244,50 +218,3 @@ def test_fedml_simulation_equals_pfedmoap_bench_run(tmp_path):
         bench_hist = mlflow_metric(tmp_path / "bench", key)
         assert sorted(fedml_hist) == [0, 1]
         assert fedml_hist == bench_hist, key
-
-
-# ---- fedml federate build -----------------------------------------------------------------------------------------
-BUILD_SCRIPT = r"""
-import sys, warnings
-warnings.simplefilter("ignore")
-from fedml_pfedmoap.fedml_plugin import guard
-guard.install_network_audit(sys.argv[1])
-from fedml.cli.cli import cli
-for job in sys.argv[3:]:
-    cli.main(["federate", "build", job, "-d", f"{sys.argv[2]}/{job.split('/')[-1][:-5]}"], standalone_mode=False)
-"""
-
-
-@pytest.mark.slow
-def test_fedml_federate_build_every_launch_file(tmp_path):
-    """`fedml federate build` (offline) on a copy of the workspace: both packages, holding the plugin and the config."""
-    import shutil
-
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    repo = tmp_path / "repo"
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("results/", "data/")):
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
-    jobs = sorted(f"configs/launch/{p.name}" for p in (ROOT / "configs" / "launch").glob("*.yaml"))
-    assert len(jobs) >= 9
-    env = child_env(tmp_path, "build")
-    out = subprocess.run([PY, "-c", BUILD_SCRIPT, str(tmp_path / "audit.jsonl"), str(tmp_path / "pkg"), *jobs],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert (tmp_path / "audit.jsonl").read_text() == ""
-    for job in jobs:
-        spec = yaml.safe_load((ROOT / job).read_text())
-        assert spec["job_type"] == "federate" and spec["job_subtype"] == "cross_silo"
-        assert "minimum_num_gpus" in spec["computing"] and spec["workspace"] and spec["bootstrap"]
-        cfg = spec["server_job"].split("--cf ")[1].split()[0]
-        load_plugin_config(ROOT / cfg)  # the config the job runs is valid
-        name = Path(job).stem
-        for kind, entry in (("client", spec["job"]), ("server", spec["server_job"])):
-            with zipfile.ZipFile(tmp_path / "pkg" / name / f"{kind}-package.zip") as z:
-                names = z.namelist()
-                assert f"{kind}-package/fedml/fedml_pfedmoap/__main__.py" in names
-                assert f"{kind}-package/fedml/{cfg}" in names
-                script = "fedml_job_entry_pack.sh" if kind == "client" else "fedml_server_job_entry_pack.sh"
-                assert entry.strip() in z.read(f"{kind}-package/fedml/{script}").decode()

@@ -127,10 +127,6 @@ class ImageDataset:
 
 def build_dataset(name: str, root: Optional[str] = None, **options) -> ImageDataset:
     """Build a registered dataset by name (``DATASETS.names()`` lists them)."""
-    from . import embedded  # noqa: F401  (registers the embedded datasets)
+    from . import embedded, loaders  # noqa: F401  (registration of the embedded and on-disk datasets)
 
-    try:
-        from . import loaders  # noqa: F401  (registers the on-disk datasets)
-    except ImportError:  # pragma: no cover - loaders are optional while the package grows
-        pass
     return DATASETS.get(name)(root, **options)

@@ -43,7 +43,7 @@ from ..federated.simulator import ClientData, payload_bytes, sample_clients
 from ..privacy import reports_evaluation, round_upload_metrics, run_accounting
 from .metrics_log import RoundLogger
 from .state import ClientStateStore
-from .watchdog import RoundWatchdog
+from .watchdog import PeerUnreachable, RoundWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def fedml_dataset(clients: Sequence[ClientData], num_classes: int) -> list:
     return [sum(counts.values()), sum(len(c.test) for c in clients), None, None, counts, train, test, num_classes]
 
 
-def wait_for_server(ipconfig_path: str, timeout_s: float, poll_s: float = 0.5) -> None:
+def wait_for_server(ipconfig_path: str, timeout_s: float, rank: int, poll_s: float = 0.5) -> None:
     """gRPC workers do not retry their first send: wait until the server's port (rank 0 in the CSV) accepts."""
     import csv
     import socket
@@ -295,10 +295,8 @@ def wait_for_server(ipconfig_path: str, timeout_s: float, poll_s: float = 0.5) -
                 return
         except OSError as err:
             if time.monotonic() > deadline:
-                from .watchdog import PeerUnreachable
-
-                raise PeerUnreachable(f"the server (rank 0) at {addr[0]}:{addr[1]} did not accept connections "
-                                      f"within {timeout_s:g} s ({err})") from None
+                raise PeerUnreachable(rank, [0], f"unreachable: the server's port {addr[0]}:{addr[1]} did not accept "
+                                               f"connections within {timeout_s:g} s ({err})") from None
             time.sleep(poll_s)
 
 
@@ -308,22 +306,34 @@ def run_dir(cfg: Any) -> Path:
 
 def run_cross_silo(pc: Any, args: Any) -> None:
     """One cross-silo process (server: rank 0; worker: rank 1..W) behind ``FedMLRunner``; returns when the run ends."""
-    from fedml import FedMLRunner
-
-    from ..experiment import build_experiment
-    from .watchdog import RoundWatchdog, install_comm_hooks
+    from .watchdog import install_comm_hooks
 
     cfg = pc.cfg
     rank, workers = int(args.rank), int(args.worker_num)
     startup = cfg.comm_args.startup_timeout_s
+    peers = range(1, workers + 1) if rank == 0 else [0]
     watchdog = RoundWatchdog(rank, float(cfg.comm_args.round_timeout_s),
-                             float(startup) if startup is not None else None, sticky=rank != 0)
+                             float(startup) if startup is not None else None, sticky=rank != 0, peers=peers)
     if rank == 0:
-        watchdog.wait_for(range(1, workers + 1), "waiting for every worker to come online", startup=True)
+        watchdog.wait_for(peers, "waiting for every worker to come online", startup=True)
     else:
         watchdog.wait_for([0], "waiting for the server's first message", startup=True)
     watchdog.start()  # covers feature encoding too: a peer that never starts is reported, not waited on forever
     install_comm_hooks(watchdog)
+    try:
+        _run_rank(cfg, args, rank, watchdog)
+    except PeerUnreachable as err:  # a failed send FedML did not handle, or a server port that never opened
+        watchdog.gone(err.missing, err.reason)  # the one report (the watchdog may be reporting a timeout right now)
+        raise
+    watchdog.stop()
+
+
+def _run_rank(cfg: Any, args: Any, rank: int, watchdog: RoundWatchdog) -> None:
+    """Build the experiment and run this rank's FedML manager until the run ends."""
+    from fedml import FedMLRunner
+
+    from ..experiment import build_experiment
+
     exp = build_experiment(cfg, progress=False)
     algo, clients = exp.algorithm, exp.simulator.clients
     dataset = fedml_dataset(clients, len(exp.dataset.classnames))
@@ -342,8 +352,7 @@ def run_cross_silo(pc: Any, args: Any) -> None:
             raise ProtocolError("the FedML server returned before the last round")
     else:
         if cfg.comm_args.backend == "GRPC":
-            wait_for_server(args.grpc_ipconfig_path, watchdog.startup_timeout_s)
+            wait_for_server(args.grpc_ipconfig_path, watchdog.startup_timeout_s, rank)
         state_root = Path(cfg.comm_args.state_dir) if cfg.comm_args.state_dir else run_dir(cfg) / "client_state"
         trainer = PersonalizedClientTrainer(model, args, algo, clients, state_root, rank, watchdog=watchdog)
         FedMLRunner(args, device, dataset, model, client_trainer=trainer).run()
-    watchdog.stop()
