@@ -185,3 +185,18 @@ def test_cross_silo_adapters_equal_simulator(tmp_path, params):
     from cross_silo_compare import adapters_match_simulator
 
     adapters_match_simulator(tmp_path, "fedpha", params)
+
+
+def test_quickstart_run_and_dataset_defaults_under_user_keys(quick_cfg, monkeypatch):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    cls = get_algorithm("fedpha")
+    monkeypatch.setattr(cls, "defaults_for", classmethod(lambda c, ds: {"alpha": 0.5, "lr": 0.01} if ds == "digits" else {}))
+    quick_cfg.algorithm_args["fedpha"] = {"lr": 0.002}
+    ex = build_experiment(quick_cfg, "fedpha", progress=False)
+    assert (ex.algorithm.hp.alpha, ex.algorithm.hp.lr) == (0.5, 0.002)  # family default applied, user key wins
+    res = ex.simulator.run()
+    n_ctx, width = ex.algorithm.shape
+    for r in res.rounds:
+        assert r["bytes_up"] == r["bytes_down"] == n_ctx * width * 4
+        assert math.isfinite(r["train_loss"]) and 0.0 <= r["acc_mean"] <= 1.0

@@ -193,3 +193,15 @@ def test_cross_silo_adapters_equal_simulator(tmp_path, params):
     from cross_silo_compare import adapters_match_simulator
 
     adapters_match_simulator(tmp_path, "fedtpg", params)
+
+
+def test_quickstart_run(quick_cfg):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    ex = build_experiment(quick_cfg, "fedtpg", progress=False)
+    res = ex.simulator.run()
+    n_params = sum(v.numel() for v in ex.algorithm.generator.values())
+    for r in res.rounds:
+        assert r["bytes_up"] == r["bytes_down"] == n_params * 4
+        assert math.isfinite(r["train_loss"]) and 0.0 <= r["acc_mean"] <= 1.0
+    assert ex.simulator.states[0] == {}
