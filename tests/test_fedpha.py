@@ -191,7 +191,8 @@ def test_quickstart_run_and_dataset_defaults_under_user_keys(quick_cfg, monkeypa
     from fedml_pfedmoap.experiment import build_experiment
 
     cls = get_algorithm("fedpha")
-    monkeypatch.setattr(cls, "defaults_for", classmethod(lambda c, ds: {"alpha": 0.5, "lr": 0.01} if ds == "digits" else {}))
+    family = {"digits": {"alpha": 0.5, "lr": 0.01}}
+    monkeypatch.setattr(cls, "defaults_for", classmethod(lambda c, ds: family.get(ds, {})))
     quick_cfg.algorithm_args["fedpha"] = {"lr": 0.002}
     ex = build_experiment(quick_cfg, "fedpha", progress=False)
     assert (ex.algorithm.hp.alpha, ex.algorithm.hp.lr) == (0.5, 0.002)  # family default applied, user key wins

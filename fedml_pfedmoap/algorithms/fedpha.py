@@ -43,14 +43,16 @@ class FedPHAParams(PersonalParams):
         super().__post_init__()
         where = "algorithm_args.fedpha"
         if not 0.0 < self.ratio <= 1.0 or self.alpha < 0:
-            raise ValueError(f"{where}: expected 0 < ratio <= 1 and alpha >= 0, got ratio={self.ratio}, alpha={self.alpha}")
+            raise ValueError(f"{where}: expected 0 < ratio <= 1 and alpha >= 0, "
+                             f"got ratio={self.ratio}, alpha={self.alpha}")
         if self.local_lengths is not None and self.local_length_range is not None:
             raise ValueError(f"{where}: set at most one of local_lengths and local_length_range")
         if self.local_lengths is not None and (not isinstance(self.local_lengths, (list, tuple))
                                                or any(int(n) < 1 for n in self.local_lengths)):
             raise ValueError(f"{where}.local_lengths: expected a list of integers >= 1, got {self.local_lengths!r}")
         rng = self.local_length_range
-        if rng is not None and (not isinstance(rng, (list, tuple)) or len(rng) != 2 or not 1 <= int(rng[0]) <= int(rng[1])):
+        if rng is not None and (not isinstance(rng, (list, tuple)) or len(rng) != 2
+                                or not 1 <= int(rng[0]) <= int(rng[1])):
             raise ValueError(f"{where}.local_length_range: expected [lo, hi] with 1 <= lo <= hi, got {rng!r}")
 
 

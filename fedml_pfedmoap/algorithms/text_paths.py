@@ -48,7 +48,8 @@ class EncoderCache:
         self.device = rt.device
         self._items: Dict[Tuple, TextEncoder] = {}
 
-    def get(self, n_ctx: int, classnames: Optional[Sequence[str]] = None, max_eot_ctx: Optional[int] = None) -> TextEncoder:
+    def get(self, n_ctx: int, classnames: Optional[Sequence[str]] = None,
+            max_eot_ctx: Optional[int] = None) -> TextEncoder:
         """The encoder of ``n_ctx``-token prompts over ``classnames`` (default: the run's); ``max_eot_ctx``: the
         parity encoder tokenized with that many placeholders instead (``MaxLengthEOTEncoder``)."""
         names = tuple(c.replace("_", " ") for c in (classnames if classnames is not None else self.base.classnames))
