@@ -128,6 +128,9 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     name = (algorithm or cfg.train_args.federated_optimizer).lower()
     algo_cls = get_algorithm(name)
     params = cfg.algo_params(name)
+    family = getattr(algo_cls, "defaults_for", None)  # per-dataset defaults (e.g. FedPHA's), under the user's keys
+    if family is not None:
+        params = {**family(cfg.data_args.dataset), **params}
     algo_cls.parse_params(params)  # validate before any heavy work
     precision_dtype(cfg)
     seed = cfg.common_args.random_seed if seed is None else int(seed)

@@ -16,7 +16,8 @@ from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 from tree_compare import deep_equal
 
-ALGOS = ["promptfl", "fedprox", "local", "fedotp", "fedpgp", "promptfolio", "pfedmoap"]
+ALGOS = ["promptfl", "fedprox", "local", "fedotp", "fedpgp", "promptfolio", "pfedmoap", "fedtpg", "fedpha"]
+PARAMS = {"fedtpg": {"n_ctx": 16}}  # FedTPG's own 4-token encoder would bypass the counted run encoder
 TRAIN_SIZES = [6, 4, 6, 3]  # batch 2 (drop_last), 2 epochs: 6/4/6/2 steps: clients leave a group at different steps
 
 
@@ -47,8 +48,8 @@ def _run(tiny_backbone, clients, name, per_call, params=None):
 
 @pytest.mark.parametrize("name", ALGOS)
 def test_lockstep_equals_one_client_at_a_time(tiny_backbone, clients, name):
-    seq, seq_calls = _run(tiny_backbone, clients, name, 1)
-    lock, lock_calls = _run(tiny_backbone, clients, name, 3)  # groups {0,1,2} and {3}
+    seq, seq_calls = _run(tiny_backbone, clients, name, 1, PARAMS.get(name))
+    lock, lock_calls = _run(tiny_backbone, clients, name, 3, PARAMS.get(name))  # groups {0,1,2} and {3}
     for a, b in zip(seq.result.rounds, lock.result.rounds):
         assert a["acc_mean"] == b["acc_mean"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)

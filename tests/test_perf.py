@@ -97,7 +97,7 @@ def _run(backbone, data, name, naive, rounds=2):
     return algo, sim, sim.run()
 
 
-ALGOS = [a for a in ["promptfl", "pfedmoap", "fedotp", "zeroshot", "local", "fedprox", "fedpgp", "promptfolio"]
+ALGOS = [a for a in ["promptfl", "pfedmoap", "fedotp", "zeroshot", "local", "fedprox", "fedpgp", "promptfolio", "fedtpg", "fedpha"]
          if a in list_algorithms()]
 
 

@@ -33,12 +33,22 @@ def batch_stream(algo: "PromptAlgorithm", payload: Dict[str, Any], data: Feature
         yield from data.batches(algo.rt.batch_size, gen)
 
 
+def make_optimizer(model: nn.Module, hp: Any) -> torch.optim.Optimizer:
+    """The round's SGD of one client; a model with ``attach_optimizer(opt)`` may restore or keep optimizer state
+    (FedTPG's ``parity_persistent_client_optim``)."""
+    opt = torch.optim.SGD(model.param_groups(hp), momentum=hp.momentum, weight_decay=hp.weight_decay)
+    attach = getattr(model, "attach_optimizer", None)
+    if attach is not None:
+        attach(opt)
+    return opt
+
+
 def fit_clients(algo: "PromptAlgorithm", models: Sequence[nn.Module], payloads: Sequence[Dict[str, Any]],
                 datas: Sequence[FeatureSet]) -> List[float]:
     """SGD (momentum, weight decay; fresh optimizer per client and round) for every model in lockstep; returns each
     client's mean training loss. One text-tower call per step for all clients that still have a batch."""
     hp = algo.hp
-    opts = [torch.optim.SGD(m.param_groups(hp), momentum=hp.momentum, weight_decay=hp.weight_decay) for m in models]
+    opts = [make_optimizer(m, hp) for m in models]
     streams = [batch_stream(algo, p, d) for p, d in zip(payloads, datas)]
     pending: List[Optional[Batch]] = [next(s, None) for s in streams]
     totals, steps = [0.0] * len(models), [0] * len(models)
