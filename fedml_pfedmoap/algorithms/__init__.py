@@ -4,6 +4,7 @@ import importlib
 from .base import ALGORITHMS, Algorithm, PromptAlgorithm, Runtime, register_algorithm
 
 _MODULES = ["zeroshot", "local", "promptfl", "fedprox", "pfedmoap", "fedotp", "fedpgp", "promptfolio"]
+_MODULES += ["dpfpl"]  # DP-FPL (issue 17)
 for _m in _MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")
