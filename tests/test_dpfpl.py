@@ -237,3 +237,19 @@ def test_grpc_cross_silo_equals_the_simulator(tmp_path):
         s = {k: v for k, v in s.items() if k != "dp_secret"}  # each engine's client drew its own secret
         got = {k: v for k, v in store.load(i).items() if k != "dp_secret"}
         deep_equal(s, got, f"client {i}")
+
+
+def test_perf_bench_naive_equals_optimized(tmp_path):
+    """``pfedmoap-bench perf`` at tiny scale: same accuracy, max |Δlogit| <= 1e-4 in fp32, lockstep grouping only
+    changes float blocking."""
+    from benchmark_suite.cli import main
+
+    out = tmp_path / "perf.json"
+    rc = main(["perf", "--scale", "tiny", "--classes", "4", "--clients", "3", "--shots", "4", "--test", "3",
+               "--batch", "2", "--rounds", "2", "--algorithms", "dpfpl", "--threads", "1",
+               "--compare-lockstep", "3", "--out", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["algorithms"]
+    assert "error" not in row, row
+    assert row["acc_equal"] and row["max_abs_dlogit"] <= 1e-4
+    assert row["lockstep_max_abs_dstate"] <= 1e-5
