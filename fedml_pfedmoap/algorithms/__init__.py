@@ -3,7 +3,8 @@ import importlib
 
 from .base import ALGORITHMS, Algorithm, PromptAlgorithm, Runtime, register_algorithm
 
-_MODULES = ["zeroshot", "local", "promptfl", "fedprox", "pfedmoap", "fedotp", "fedpgp", "promptfolio", "fedtpg", "fedpha"]
+_MODULES = ["zeroshot", "local", "promptfl", "fedprox", "pfedmoap", "fedotp", "fedpgp", "promptfolio", "fedtpg", "fedpha",
+            "dpfpl"]
 for _m in _MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")
