@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import io
 import logging
 import math
 import os
@@ -49,17 +48,19 @@ def _mlflow():
 
 @contextlib.contextmanager
 def _quiet_store_init():
-    """Creating a sqlite store runs alembic, whose ``fileConfig`` prints ~40 migration lines and replaces the root
-    logger's handlers and level; swallow the lines and put the caller's logging configuration back."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    """Creating a sqlite store runs MLflow's alembic migrations, whose ``env.py`` calls ``logging.config.fileConfig``:
+    it would print ~40 migration lines, replace the root logger's handlers and *close* every existing handler (a
+    handler that owns its stream, such as absl's, then closes the process's stderr). Make that call a no-op for the
+    duration and keep the alembic logger at WARNING."""
+    import logging.config
+
+    original = logging.config.fileConfig
+    logging.config.fileConfig = lambda *args, **kwargs: None
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
+        yield
     finally:
-        root.setLevel(level)
-        root.handlers[:] = handlers
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.config.fileConfig = original
 
 
 def resolve_tracking_uri(configured: Optional[str], explicit: bool = False) -> Optional[str]:

@@ -9,6 +9,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from fedml_pfedmoap.privacy.accounting import release_absl_stderr  # noqa: E402
+
+release_absl_stderr()  # test modules import dp_accounting (and so absl) while pytest's capture owns sys.stderr
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone():

@@ -46,6 +46,26 @@ def epsilon_zcdp(noise_multiplier: float, releases: int, delta: float) -> float:
     return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
 
 
+def _pld_module():
+    """``dp_accounting``'s PLD module. Importing it imports ``absl.logging``, whose handler adopts the current
+    ``sys.stderr`` and closes it when a later ``logging.config.dictConfig`` (MLflow's import does one) shuts every
+    handler down; under a redirected stderr (Jupyter, pytest) that would close the caller's stream, so the handler
+    is pointed at the process's own stderr, which it never closes."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    release_absl_stderr()
+    return pld
+
+
+def release_absl_stderr() -> None:
+    """Point absl's (otherwise unused) Python handler at ``sys.__stderr__``; see ``_pld_module``."""
+    import sys
+
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
 @functools.lru_cache(maxsize=256)
 def epsilon_pld(noise_multiplier: float, releases: int, delta: float) -> float:
     """Exact ε(δ) of ``releases`` composed Gaussian releases with noise multiplier z, by ``dp-accounting``'s PLD."""
@@ -53,8 +73,7 @@ def epsilon_pld(noise_multiplier: float, releases: int, delta: float) -> float:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    from dp_accounting.pld import privacy_loss_distribution as pld
-
+    pld = _pld_module()
     dist = pld.from_gaussian_mechanism(float(noise_multiplier), value_discretization_interval=1e-4)
     return float(dist.self_compose(int(releases)).get_epsilon_for_delta(float(delta)))
 
