@@ -63,6 +63,21 @@ class Num:
         return number
 
 
+@dataclass(frozen=True)
+class Each:
+    """A list whose every element meets ``item`` (``optional``: null accepted); errors name ``key[i]``."""
+
+    item: Num
+    optional: bool = True
+
+    def check(self, key: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {self.item.describe()}s, got {value!r}")
+        return [self.item.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
 INT_POS = Num(int, 1)  # counts and sizes: >= 1
 INT_NONNEG = Num(int, 0)  # seeds, indices, worker counts that may be 0
 POS = Num(float, 0, open_low=True)  # rates, temperatures, timeouts: > 0
@@ -93,7 +108,7 @@ CONFIG_RULES: Dict[str, Num] = {
     "comm_args.startup_timeout_s": Num(float, 0, open_low=True, optional=True),
 }
 
-PARAM_RULES: Dict[str, Num] = {
+PARAM_RULES: Dict[str, Any] = {
     # every prompt method (algorithms/base.py PromptParams)
     "lr": POS,
     "momentum": Num(float, 0, 1, open_high=True),
@@ -122,6 +137,14 @@ PARAM_RULES: Dict[str, Num] = {
     "patch_cache_gb": Num(float, 0, optional=True),
     # PromptFolio
     "theta": PROB,
+    # FedTPG
+    "n_ctx": INT_POS,
+    "cosine_t_max": Num(int, 1, optional=True),
+    # FedPHA
+    "alpha": NONNEG,
+    "ratio": Num(float, 0, 1, open_low=True),
+    "local_lengths": Each(INT_POS),
+    "local_length_range": Each(INT_POS),
 }
 
 

@@ -76,10 +76,15 @@ def test_lockstep_call_count_and_dropout_by_hand(tiny_backbone, clients):
     assert lock_calls.count((1, 16, w)) == 2 * (steps[3] + eval_calls)
 
 
-def test_lockstep_with_dp_equals_sequential(tiny_backbone, clients):
-    """Per-client clipping and noise stay per client when clients share a text call."""
+def test_lockstep_with_dp_equals_sequential(tiny_backbone, clients, monkeypatch):
+    """Per-client clipping and noise stay per client when clients share a text call (each client's secret fixed by
+    its creation order, the same in both runs, so the noise is too)."""
+    from fedml_pfedmoap.privacy import noise
+
     params = {"dp": {"epsilon": 5.0, "clip_grad": 0.5}}
+    monkeypatch.setattr(noise, "new_secret", iter(f"{i:064x}" for i in range(1, 100)).__next__)
     seq, _ = _run(tiny_backbone, clients, "promptfl", 1, copy.deepcopy(params))
+    monkeypatch.setattr(noise, "new_secret", iter(f"{i:064x}" for i in range(1, 100)).__next__)
     lock, _ = _run(tiny_backbone, clients, "promptfl", 4, copy.deepcopy(params))
     deep_equal(seq.algo.server_state(), lock.algo.server_state(), "server state", atol=1e-5)
     assert [r["dp_sigma"] for r in seq.result.rounds] == [r["dp_sigma"] for r in lock.result.rounds]
