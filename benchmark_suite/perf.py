@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from fedml_pfedmoap.fileio import atomic_write_json
 
 from . import perf_measure
 from .perf_measure import MemorySampler, format_table, machine_info, text_benchmark, timed
@@ -81,20 +80,12 @@ def main(args: argparse.Namespace) -> int:
             row = {"algorithm": name, "error": f"{type(err).__name__}: {err}"}
         result["algorithms"].append(row)
         if args.out:
-            _write(result, args.out)
+            atomic_write_json(args.out, result, indent=1, default=str)
     print(format_table(result))
     if args.out:
-        _write(result, args.out)
+        atomic_write_json(args.out, result, indent=1, default=str)
         print(f"perf: wrote {args.out}")
     return 0
-
-
-def _write(result: Dict[str, Any], path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def snapshot(algo: Any, states: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -24,6 +22,7 @@ import torch
 
 from .errors import CheckpointError
 from .federated.simulator import RunResult, Simulator
+from .fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 FORMAT = 1
@@ -147,20 +146,9 @@ class CheckpointStore:
         self.prev = self.dir / f"{name}.prev.pt"
 
     def save(self, body: Dict[str, Any]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         payload = dict(body, digest=digest(body))
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if self.path.exists():
-                os.replace(self.path, self.prev)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.path, fsync=True, keep_previous=self.prev) as tmp:
+            torch.save(payload, tmp)
         return self.path
 
     @staticmethod

@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +40,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .clip.backbone import CONFIG_DIR, ClipBackbone, _open_clip
+from .clip.backbone import ClipBackbone
 from .clip.compact import compact, read_state
+from .clip.openclip import CONFIG_DIR, get_open_clip
 from .config import ASSET_DIR, PACKAGE_PREFIX
 from .data.base import ArraySplit, ImageDataset, SplitData, build_dataset
 from .data.embedded import ANIMAL_NAMES, DIGIT_NAMES
+from .data.transforms import CLIP_MEAN, CLIP_STD
+from .fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     Only the token-embedding rows a caption can contain train (a compact copy, written back at the end): the other
     ~49k rows would get zero gradients anyway, and skipping them keeps the optimizer step cheap.
     """
-    oc = _open_clip()
+    oc = get_open_clip()
     t0 = time.perf_counter()
     data = data or load_pretraining_data()
     t_data = time.perf_counter() - t0
@@ -244,8 +245,8 @@ def train(recipe: Recipe, data: Optional[PretrainData] = None, log_every: int = 
     model.train()
     vis = model.visual
     vis.output_tokens = True  # (pooled, patch tokens after ln_post); a runtime switch, not saved
-    mean = tuple(getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
-    std = tuple(getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+    mean = tuple(getattr(vis, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(vis, "image_std", None) or CLIP_STD)
     captioner = Captioner(oc.get_tokenizer(MODEL_NAME), recipe)
     table = model.token_embedding.weight
     table.requires_grad_(False)
@@ -305,19 +306,12 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, recipe: Recipe) ->
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
     state, meta = compact(state, MODEL_NAME, recipe.seed)  # untrained token rows are the seeded init: not stored
     meta.update({"recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True), "recipe_hash": recipe.hash()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".tmp.safetensors") as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

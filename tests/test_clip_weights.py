@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from fedml_pfedmoap.clip.backbone import _open_clip, load_clip
+from fedml_pfedmoap.clip.backbone import load_clip
+from fedml_pfedmoap.clip.openclip import get_open_clip
 from fedml_pfedmoap.clip.weights import cached_tag_file
 from fedml_pfedmoap.errors import CheckpointError, ConfigError
 
@@ -18,7 +19,7 @@ def reference():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(123)
-        model = _open_clip().create_model("tiny-clip", force_quick_gelu=True).eval()
+        model = get_open_clip().create_model("tiny-clip", force_quick_gelu=True).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -90,7 +91,7 @@ def test_uncached_tag_offline_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(_open_clip(), "download_pretrained", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(get_open_clip(), "download_pretrained", lambda *a, **k: pytest.fail("tried to download"))
     start = time.monotonic()
     with pytest.raises(CheckpointError) as err:
         load_clip("ViT-B-16", "openai")

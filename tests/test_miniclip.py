@@ -82,9 +82,9 @@ def test_label_aware_loss_matches_a_hand_written_loop():
 
 
 def test_captions_put_class_names_at_coop_positions_and_stay_in_the_trained_vocabulary():
-    from fedml_pfedmoap.clip.backbone import _open_clip
+    from fedml_pfedmoap.clip.openclip import get_open_clip
 
-    cap = Captioner(_open_clip().get_tokenizer(MODEL_NAME), Recipe())
+    cap = Captioner(get_open_clip().get_tokenizer(MODEL_NAME), Recipe())
     g = torch.Generator().manual_seed(0)
     eots = []
     for _ in range(20):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedml_pfedmoap.data.base import DATASETS, ArraySplit, ImageDataset
-from fedml_pfedmoap.data.partition import (PartitionError, class_groups, make_partition, saved_holdout,
-                                           stratified_holdout)
+from fedml_pfedmoap.data.partition import make_partition
+from fedml_pfedmoap.data.splits import PartitionError, class_groups, saved_holdout, stratified_holdout
 
 
 def synthetic(num_classes, n_train, n_test, seed=0, domains=None, name="synthetic"):

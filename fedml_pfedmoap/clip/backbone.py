@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import logging
-import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..data.transforms import CLIP_MEAN, CLIP_STD
 from ..errors import ConfigError
+from ..fileio import file_hexdigest
+from .openclip import get_open_clip, quiet_init
+from .weights import fit_weights, read_weights, resolve_weights
 
 logger = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-_REGISTERED = False
-
-
-def _open_clip():
-    global _REGISTERED
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import open_clip
-    if not _REGISTERED:
-        open_clip.add_model_config(CONFIG_DIR)
-        _REGISTERED = True
-    return open_clip
 
 
 def with_autocast(fn):
@@ -44,7 +33,7 @@ def with_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(self, x: torch.Tensor, *args, **kwargs):
-        dtype = getattr(self, "autocast_dtype", None)
+        dtype = self.autocast_dtype
         if dtype is None:
             return fn(self, x, *args, **kwargs)
         with torch.autocast(device_type=x.device.type, dtype=dtype):
@@ -55,11 +44,7 @@ def with_autocast(fn):
 
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:24]
+    return file_hexdigest(path)[:24]
 
 
 def file_digest(path: str | Path) -> str:
@@ -70,7 +55,8 @@ def file_digest(path: str | Path) -> str:
 
 
 def list_models() -> list[str]:
-    return list(_open_clip().list_models())
+    """Every model name ``load_clip`` accepts: open_clip's plus the packaged ``model_configs``."""
+    return list(get_open_clip().list_models())
 
 
 class ClipBackbone(nn.Module):
@@ -90,8 +76,8 @@ class ClipBackbone(nn.Module):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.embed_dim = int(getattr(vis, "output_dim"))
         self.text_width = int(model.token_embedding.weight.shape[1])
-        self.image_mean = tuple(getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
-        self.image_std = tuple(getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+        self.image_mean = tuple(getattr(vis, "image_mean", None) or CLIP_MEAN)
+        self.image_std = tuple(getattr(vis, "image_std", None) or CLIP_STD)
 
     def train(self, mode: bool = True) -> "ClipBackbone":  # frozen: always eval (RN50 BN stats never update)
         return super().train(False)
@@ -182,9 +168,6 @@ def load_clip(name: str, pretrained: Optional[str] = None, device: str | torch.d
     A file may be in any format ``clip/weights.py`` reads; OpenAI-format files (and tags whose open_clip config says
     so) get QuickGELU, the activation OpenAI trained with.
     """
-    from .compact import quiet_init
-    from .weights import fit_weights, read_weights, resolve_weights
-
     check_model_name(name)
     if pretrained in ("", "none", "None"):
         pretrained = None
@@ -196,7 +179,7 @@ def load_clip(name: str, pretrained: Optional[str] = None, device: str | torch.d
             logger.info("%s: OpenAI-trained weights, so the model uses QuickGELU", path)
             force_quick_gelu = True
     with quiet_init():
-        model = _open_clip().create_model(name, pretrained=None, device="cpu", force_quick_gelu=force_quick_gelu)
+        model = get_open_clip().create_model(name, pretrained=None, device="cpu", force_quick_gelu=force_quick_gelu)
     if state is not None:
         fit_weights(model, state, path, name)
         if tag_cfg.get("mean") and tag_cfg.get("std"):

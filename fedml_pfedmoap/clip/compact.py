@@ -9,39 +9,23 @@ instead of loading different weights. ``load_clip`` reads it transparently (same
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
-import warnings
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
+from .openclip import get_open_clip, quiet_init
+
 FORMAT = "open_clip state dict, fp16; token_embedding = seeded init + trained rows"
 TABLE = "token_embedding.weight"
 
 
-@contextlib.contextmanager
-def quiet_init():
-    """open_clip warns "No pretrained weights loaded" when building the model the compact weights then fill."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
-
-
 def seeded_token_embedding(model_name: str, seed: int) -> torch.Tensor:
     """The fp16 token-embedding table ``open_clip.create_model(model_name)`` initializes after ``manual_seed(seed)``."""
-    from .backbone import _open_clip
-
     with torch.random.fork_rng(devices=[]), quiet_init():
         torch.manual_seed(int(seed))
-        model = _open_clip().create_model(model_name)
+        model = get_open_clip().create_model(model_name)
     return model.token_embedding.weight.detach().half()
 
 
@@ -60,15 +44,6 @@ def compact(state: Dict[str, torch.Tensor], model_name: str, seed: int) -> Tuple
     tensors["token_embedding.ids"] = ids.long().contiguous()
     meta = {"format": FORMAT, "model": model_name, "init_seed": str(int(seed)), "token_embedding_sha256": _digest(table)}
     return tensors, meta
-
-
-def is_compact(path: str | Path) -> bool:
-    from safetensors import safe_open
-
-    if not str(path).endswith(".safetensors"):
-        return False
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == FORMAT
 
 
 def read_state(path: str | Path) -> Dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .backbone import ClipBackbone, _open_clip, with_autocast
+from .backbone import ClipBackbone, with_autocast
+from .openclip import get_open_clip
 
 
 def _is_causal(mask: Optional[torch.Tensor]) -> bool:
@@ -38,7 +39,7 @@ class TextEncoder(nn.Module):
         model = backbone.model
         self.classnames = [c.replace("_", " ") for c in classnames]
         self.n_ctx = int(n_ctx)
-        self.tokenizer = _open_clip().get_tokenizer(backbone.name)
+        self.tokenizer = get_open_clip().get_tokenizer(backbone.name)
         self.truncate = bool(truncate) and _is_causal(getattr(model, "attn_mask", None))
         prompts = [" ".join(["X"] * self.n_ctx) + f" {name}." for name in self.classnames]
         tokens = self.tokenizer(prompts)

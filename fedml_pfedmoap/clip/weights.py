@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .compact import read_state
+from .openclip import get_open_clip
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 FORMATS = ("an open_clip state dict (.pt/.pth/.bin, optionally under 'state_dict'), a .safetensors file, an OpenAI "
@@ -40,18 +42,14 @@ def is_torchscript(path: Path) -> bool:
 
 def read_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], bool]:
     """(state dict, whether it is in OpenAI's format: an archive or carrying the archive's non-weight keys)."""
-    from .compact import read_state
-
     p = Path(path)
     try:
         if p.suffix == ".safetensors":
             return read_state(p), False
         if is_torchscript(p):
-            from .backbone import _open_clip
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = _open_clip().load_openai_model(str(p), precision="fp32", device="cpu")
+                model = get_open_clip().load_openai_model(str(p), precision="fp32", device="cpu")
             return dict(model.state_dict()), True
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except CheckpointError:
@@ -93,10 +91,8 @@ def fit_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str | Pa
 
 
 def _hf_cache_hit(repo: str, filenames: List[str]) -> Optional[str]:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub comes with open_clip
-        return None
+    from huggingface_hub import try_to_load_from_cache  # an open_clip dependency
+
     for filename in filenames:
         hit = try_to_load_from_cache(repo_id=repo, filename=filename)
         if isinstance(hit, str) and os.path.isfile(hit):
@@ -119,9 +115,7 @@ def tag_sources(cfg: Dict[str, str]) -> Tuple[List[Tuple[str, List[str]]], List[
 
 def cached_tag_file(name: str, tag: str) -> Tuple[Optional[str], Dict[str, str], str]:
     """(local file or None, the tag's open_clip config, where was looked) for ``model name`` + ``tag``; no network."""
-    from .backbone import _open_clip
-
-    oc = _open_clip()
+    oc = get_open_clip()
     base = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name
     cfg = oc.get_pretrained_cfg(name, tag) or oc.get_pretrained_cfg(base, tag)
     if not cfg:
@@ -151,8 +145,6 @@ def resolve_weights(name: str, pretrained: str) -> Tuple[str, Dict[str, Any]]:
         if not Path(pretrained).is_file():
             raise CheckpointError(f"model_args.pretrained: checkpoint file {pretrained!r} does not exist")
         return pretrained, {}
-    from .backbone import _open_clip
-
     local, cfg, looked = cached_tag_file(name, pretrained)
     if local is None:
         if not network_reachable(cfg):
@@ -160,7 +152,7 @@ def resolve_weights(name: str, pretrained: str) -> Tuple[str, Dict[str, Any]]:
                 f"model_args.pretrained={pretrained!r}: the {name} weights are not cached (looked in {looked}) and "
                 f"there is no network to download them; pass a local file instead: --set model_args.pretrained="
                 f"/path/to/{name}.pt ({FORMATS})")
-        local = _open_clip().download_pretrained(cfg)  # the network answered
+        local = get_open_clip().download_pretrained(cfg)  # the network answered
     return str(local), dict(cfg)
 
 

@@ -1,6 +1,11 @@
-"""Datasets (``base``: the registry and ``build_dataset``), the embedded ones (``embedded``), the on-disk loaders
-(``loaders``), partitions (``partition``) and image transforms (``transforms``).
+"""Datasets and federated partitions (docs/data.md; the layering in docs/architecture.md).
 
-Registration happens when ``build_dataset`` (or ``benchmark_suite``'s grid validation) imports ``embedded`` and
-``loaders``; this package imports nothing itself, so ``import fedml_pfedmoap.data.partition`` stays light.
+* ``base``: the dataset types and the ``DATASETS`` registry (``build_dataset``);
+* ``embedded``: the datasets that install with the package; ``loaders``: the on-disk benchmark datasets;
+* ``splits``: split helpers and the ``PARTITIONERS`` registry; ``partition``, ``partition_legacy``: the schemes;
+* ``base2novel``, ``validation``: class and validation splits; ``transforms``: CLIP normalization and augmentation.
+
+Importing this package registers every dataset and partition scheme (the modules below register themselves when
+imported); no module of the package imports this ``__init__`` back, so the order below is free.
 """
+from . import embedded, loaders, partition, partition_legacy  # noqa: F401  (registration)

@@ -1,8 +1,9 @@
 """The dataset interface every loader returns: a labelled image dataset with train/test splits in canonical order.
 
 Loaders (``fedml_pfedmoap.data.loaders``) and embedded datasets (``fedml_pfedmoap.data.embedded``) register a builder
-``fn(root: str | None, **options) -> ImageDataset`` in ``DATASETS``. Partitions (``partition.py``) index into the
-canonical item order of ``train`` and ``test``.
+``fn(root: str | None, **options) -> ImageDataset`` in ``DATASETS``; the package's ``__init__`` imports them, so
+the registry is full once anything under ``fedml_pfedmoap.data`` is imported. Partitions (``partition.py``) index into
+the canonical item order of ``train`` and ``test``. This module holds only the types and the registry.
 """
 from __future__ import annotations
 
@@ -120,13 +121,8 @@ class ImageDataset:
         h.update(self.test.fingerprint().encode())
         return h.hexdigest()[:16]
 
-    def prompt_names(self) -> List[str]:
-        """Class names as they appear in prompts (``_`` becomes a space)."""
-        return [c.replace("_", " ") for c in self.classnames]
-
 
 def build_dataset(name: str, root: Optional[str] = None, **options) -> ImageDataset:
-    """Build a registered dataset by name (``DATASETS.names()`` lists them)."""
-    from . import embedded, loaders  # noqa: F401  (registration of the embedded and on-disk datasets)
-
+    """Build a registered dataset by name (``DATASETS.names()`` lists them; importing ``fedml_pfedmoap.data``, which
+    any import of this module does first, registers them all)."""
     return DATASETS.get(name)(root, **options)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..seeding import numpy_generator
 from .base import ImageDataset, SplitData
-from .partition import PARTITIONERS, PartitionError, class_groups, dirichlet_split
+from .splits import PARTITIONERS, PartitionError, class_groups, dirichlet_split
 
 CONVENTIONS = ("label_id", "flip")
 

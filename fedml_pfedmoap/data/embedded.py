@@ -19,22 +19,10 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .base import DATASETS, ArraySplit, DatasetError, ImageDataset
+from .splits import stratified_split
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ANIMAL_NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """Per class, a seeded shuffle; the first ``round(test_fraction·n_c)`` items go to test. Sorted index arrays."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        rng.shuffle(idx)
-        k = int(round(test_fraction * len(idx)))
-        test.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _package_file(package: str, *parts: str) -> Path:

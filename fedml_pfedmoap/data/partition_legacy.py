@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import ImageDataset
-from .partition import PARTITIONERS, PartitionError, class_groups
+from .splits import PARTITIONERS, PartitionError, class_groups
 
 Lists = Tuple[List[np.ndarray], List[np.ndarray]]
 

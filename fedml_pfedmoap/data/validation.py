@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..seeding import numpy_generator
-from .partition import PartitionError
+from .splits import PartitionError
 
 
 def _check(fraction: Optional[float], per_class: Optional[int]) -> None:

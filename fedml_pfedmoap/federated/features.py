@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..clip.backbone import ClipBackbone
 from ..data.base import SplitData
+from ..fileio import atomic_write_npz
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +81,6 @@ def cache_key(backbone: ClipBackbone, dataset_fp: str, split: str, transform_des
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _atomic_save(arrays: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @torch.no_grad()
 def encode_split(backbone: ClipBackbone, split: SplitData, transform: Callable, patches: bool = False,
                  batch_size: int = 256, device: str | torch.device = "cpu", desc: str = "encode") -> dict:
@@ -143,7 +130,7 @@ class FeatureCache:
         arrays = encode_split(backbone, split, transform, patches=patches, device=device,
                               desc=f"encode {split_name}")
         if path is not None:
-            _atomic_save(arrays, path)
+            atomic_write_npz(path, **arrays)
         return _to_featureset(arrays)
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from ..checkpoint import CheckpointError, from_plain, to_plain
+from ..fileio import atomic_path
 
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -53,13 +53,6 @@ class ClientStateStore:
     def save(self, client_index: int, state: Dict[str, Any]) -> Path:
         """Atomically write ``state`` (tensors and plain data; anything else raises ``CheckpointError``)."""
         blob = {"client_index": int(client_index), "state": to_plain(state, f"client state {client_index}")}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self.path(client_index)) as tmp:
             torch.save(blob, tmp)
-            os.replace(tmp, self.path(client_index))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return self.path(client_index)

@@ -14,14 +14,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...fileio import file_hexdigest
 from ..base import DATASETS, ArraySplit, ImageDataset
 from .common import Probe, load_with_layouts
-
-EXPECTED = {
-    "cifar10": "<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (torchvision's pickles)",
-    "cifar100": "<root>/cifar-100-python/{train, test, meta} (torchvision's pickles)",
-}
-
+from .specs import CIFAR_EXPECTED
 
 class CifarSplit(ArraySplit):
     """In-memory CIFAR images (N,32,32,3); item keys are ``<file>#<row>`` plus a content digest of the whole split."""
@@ -50,7 +46,7 @@ def _unpickle(probe: Probe, path: Path, expected: str) -> dict:
 
 def _verify(probe: Probe, folder: Path, files: Sequence[Tuple[str, str]], expected: str) -> None:
     for fname, md5 in files:
-        h = hashlib.md5((folder / fname).read_bytes()).hexdigest()
+        h = file_hexdigest(folder / fname, "md5")
         if h != md5:
             raise probe.fail(f"{folder / fname}: md5 {h} != {md5} (corrupted or not the official file)", expected)
 
@@ -75,7 +71,7 @@ def _read(name: str, probe: Probe) -> ImageDataset:
     import torchvision.datasets as tvd
 
     tv = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    expected = EXPECTED[name]
+    expected = CIFAR_EXPECTED[name]
     meta = probe.require([probe.root / tv.base_folder / tv.meta["filename"], probe.root / tv.meta["filename"]],
                          "file")
     folder = meta.parent
@@ -99,7 +95,7 @@ def _read(name: str, probe: Probe) -> ImageDataset:
 def _builder(name: str):
     def build(root: Optional[str] = None, layout: str = "auto", verify_md5: bool = False) -> ImageDataset:
         return load_with_layouts(name, root, layout, {"torchvision": lambda p: _read(name, p)},
-                                 {"torchvision": EXPECTED[name]}, {"verify_md5": bool(verify_md5)})
+                                 {"torchvision": CIFAR_EXPECTED[name]}, {"verify_md5": bool(verify_md5)})
 
     build.__name__ = name
     build.__doc__ = f"{name} from torchvision's python-pickle layout; never downloads."

@@ -4,57 +4,19 @@ CoOp layout (docs/data.md): ``<root>/<folder>/split_zhou_<Name>.json`` holds ``{
 label, classname], ...]}`` with paths relative to the image folder; labels and class names come from that file. The
 image folder may also be a torchvision tree (same archive file names), or ``image_root``. Folder spellings vary between
 codebases (``caltech-101`` in CoOp's docs, ``caltech101`` in pFedMoAP/FedOTP), so every spelling is tried.
-torchvision layouts are read by ``tv_layouts`` (their own splits, recorded as ``split_source``).
+torchvision layouts are read by ``tv_layouts`` (their own splits, recorded as ``split_source``); the folder
+spellings and templates live in ``specs``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ..base import DATASETS, FileSplit, ImageDataset
 from .common import Probe, check_files, classnames_from_pairs, folder_candidates, load_with_layouts
-
-
-@dataclass(frozen=True)
-class CoopSpec:
-    """Where one CoOp dataset lives: folder spellings, image sub-folder, split file, torchvision tree, template."""
-
-    name: str
-    folders: Tuple[str, ...]
-    image_dir: str
-    split_file: str
-    tv_folders: Tuple[str, ...]
-    tv_expected: str
-    template: str
-
-    def expected_coop(self) -> str:
-        f = self.folders[0]
-        return (f"<root>/{f}/{self.split_file} with images under <root>/{f}/{self.image_dir}/ (folder also accepted "
-                f"as {', '.join(self.folders[1:])}; or image_root=<folder>)")
-
-
-SPECS: Dict[str, CoopSpec] = {s.name: s for s in [
-    CoopSpec("caltech101", ("caltech-101", "caltech101", "caltech_101", "Caltech101"), "101_ObjectCategories",
-             "split_zhou_Caltech101.json", ("caltech101",),
-             "<root>/caltech101/101_ObjectCategories/<class>/image_0001.jpg (no split file: a seeded stratified "
-             "50/20/30 train/val/test split is generated)", "a photo of a {}."),
-    CoopSpec("oxford_pets", ("oxford_pets", "oxford-pets", "OxfordPets", "oxford-iiit-pet"), "images",
-             "split_zhou_OxfordPets.json", ("oxford-iiit-pet", "oxford_pets"),
-             "<root>/oxford-iiit-pet/images/<Breed>_<n>.jpg plus annotations/{trainval.txt,test.txt}",
-             "a photo of a {}, a type of pet."),
-    CoopSpec("oxford_flowers", ("oxford_flowers", "oxford-flowers", "OxfordFlowers", "flowers-102", "flowers102"),
-             "jpg", "split_zhou_OxfordFlowers.json", ("flowers-102", "oxford_flowers"),
-             "<root>/flowers-102/jpg/image_00001.jpg plus imagelabels.mat and setid.mat",
-             "a photo of a {}, a type of flower."),
-    CoopSpec("food101", ("food-101", "food101", "Food101", "food_101"), "images", "split_zhou_Food101.json",
-             ("food-101", "food101"), "<root>/food-101/images/<class>/<id>.jpg plus meta/{train,test}.json",
-             "a photo of {}, a type of food."),
-    CoopSpec("dtd", ("dtd", "DTD", "dtd/dtd"), "images", "split_zhou_DescribableTextures.json", ("dtd/dtd", "dtd"),
-             "<root>/dtd/dtd/images/<class>/*.jpg plus <root>/dtd/dtd/labels/{train,test}<1..10>.txt",
-             "{} texture."),
-]}
+from .specs import SPECS, CoopSpec
+from .tv_layouts import READERS
 
 
 def _entries(probe: Probe, blob: Any, key: str, path: Path, expected: str) -> List[Tuple[str, int, str]]:
@@ -120,11 +82,9 @@ def _builder(spec: CoopSpec):
     def build(root: Optional[str] = None, layout: str = "auto", image_root: Optional[str] = None,
               split_file: Optional[str] = None, split_dir: Optional[str] = None, split_seed: int = 0,
               dtd_fold: int = 1, verify_md5: bool = False) -> ImageDataset:
-        from . import tv_layouts
-
         opts = {"image_root": image_root, "split_file": split_file, "split_dir": split_dir,
                 "split_seed": int(split_seed), "dtd_fold": int(dtd_fold), "verify_md5": bool(verify_md5)}
-        readers = {"coop": lambda p: read_coop(spec, p), "torchvision": lambda p: tv_layouts.READERS[spec.name](p)}
+        readers = {"coop": lambda p: read_coop(spec, p), "torchvision": lambda p: READERS[spec.name](p)}
         expected = {"coop": spec.expected_coop(), "torchvision": spec.tv_expected}
         return load_with_layouts(spec.name, root, layout, readers, expected, opts)
 
@@ -137,4 +97,4 @@ def _builder(spec: CoopSpec):
 for _spec in SPECS.values():
     DATASETS.register(_spec.name)(_builder(_spec))
 
-__all__ = ["SPECS", "CoopSpec", "read_coop"]
+__all__ = ["read_coop"]

@@ -14,42 +14,17 @@ from __future__ import annotations
 import logging
 import pickle
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..base import DATASETS, FileSplit, ImageDataset
-from ..partition import saved_holdout
+from ..splits import saved_holdout
 from .common import Probe, check_files, folder_candidates, list_dirs, list_images, load_with_layouts
+from .specs import DOMAINNET, OFFICE, DomainSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    name: str
-    domains: Tuple[str, ...]
-    classes: Tuple[str, ...]
-    folders: Tuple[str, ...]
-
-    def expected(self, layout: str) -> str:
-        f = self.folders[0]
-        if layout == "fedbn":
-            return (f"<root>/{f}/<domain>_train.pkl and <domain>_test.pkl for each domain in "
-                    f"{', '.join(self.domains)} (pickled (paths, text_labels), paths relative to <root>; also "
-                    f"accepted: {', '.join(x + '/' for x in self.folders[1:])} or pickle_dir=, image_root=)")
-        return (f"<root>/{f}/<domain>/<class>/*.jpg (or <root>/<domain>/...) for domains {', '.join(self.domains)} "
-                f"and classes {', '.join(self.classes)}")
-
-
-DOMAINNET = DomainSpec("domainnet", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-                       ("bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale", "windmill",
-                        "wine_glass", "zebra"), ("DomainNet", "domainnet", "domain_net"))
-OFFICE = DomainSpec("office_caltech10", ("amazon", "caltech", "dslr", "webcam"),
-                    ("back_pack", "bike", "calculator", "headphones", "keyboard", "laptop_computer", "monitor", "mouse",
-                     "mug", "projector"), ("office_caltech_10", "office_caltech10", "OfficeCaltech10", "office"))
 
 
 def load_pickle_pair(path: Path) -> Tuple[List[str], List[str]]:

@@ -6,17 +6,17 @@ the CoOp split JSON. Caltech101 has no official split: a seeded stratified 50/20
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from ...fileio import file_hexdigest
 from ..base import FileSplit, ImageDataset
-from ..partition import saved_holdout
+from ..splits import saved_holdout
 from .common import Probe, check_files, classnames_from_pairs, folder_candidates, list_dirs, list_images
-from .coop import SPECS
+from .specs import SPECS
 
 # CoOp renames four Caltech101 folders and ignores two (BACKGROUND_Google, Faces_easy): 100 classes
 CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")
@@ -76,14 +76,6 @@ def read_oxford_pets(probe: Probe) -> ImageDataset:
     return _dataset("oxford_pets", names, img, out["train"], out["test"], "torchvision")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_oxford_flowers(probe: Probe) -> ImageDataset:
     from scipy.io import loadmat
 
@@ -97,7 +89,7 @@ def read_oxford_flowers(probe: Probe) -> ImageDataset:
         import torchvision.datasets as tvd
 
         for key, fname in (("label", "imagelabels.mat"), ("setid", "setid.mat")):
-            if _md5(folder / fname) != tvd.Flowers102._file_dict[key][1]:
+            if file_hexdigest(folder / fname, "md5") != tvd.Flowers102._file_dict[key][1]:
                 raise probe.fail(f"{folder / fname}: md5 mismatch (corrupted or not the official file)",
                                  spec.tv_expected)
     try:
