@@ -6,7 +6,7 @@ status (FINISHED, FAILED or KILLED). :func:`tracker_from_config` returns an :cla
 per benchmark; the pattern of torchtune's ``MLFlowLogger``, plus proper handling of an already active parent run), or
 a :class:`NullLogger` that does nothing when tracking is off, so callers never branch on it.
 
-* ``mlflow`` is imported lazily, with an actionable error when it is missing.
+* ``mlflow`` is imported on first use only (tracking off never loads it).
 * The tracking URI: an explicit ``--set tracking_args.mlflow_tracking_uri=...`` wins, then ``MLFLOW_TRACKING_URI``,
   then the YAML value (default ``sqlite:///results/mlflow.db``, relative to the working directory); ``null`` turns
   tracking off. ``MLFLOW_EXPERIMENT_NAME`` names the experiment when the config does not; ``MLFLOW_RUN_ID`` or an
@@ -38,12 +38,10 @@ STEP_KEY = "round_time_s"  # logged every round: its history tells which rounds 
 MAX_PARAM_LEN = 6000
 
 
-def _mlflow():
-    try:
-        import mlflow
-    except ImportError as err:  # pragma: no cover - mlflow is a dependency
-        raise ImportError("MLflow tracking needs `mlflow` (pip install 'mlflow==2.22.5'), or set "
-                          "tracking_args.mlflow_tracking_uri=null to run without tracking") from err
+def _mlflow() -> Any:
+    """``mlflow`` (a dependency, imported on first use: tracking off never loads it), with its noise turned down."""
+    import mlflow
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -323,11 +321,8 @@ class MlflowLogger(TrackingLogger):
     def _artifact_uri(self):
         """``mlflow-artifacts:/`` (a server's proxied store) resolves against the *global* tracking URI even for a
         client with its own URI, so point the global one at ours for the duration of an artifact call."""
-        try:
-            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-        except ImportError:  # pragma: no cover - other MLflow versions
-            yield
-            return
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # MLflow is pinned (setup.py)
+
         with _use_tracking_uri(self.uri):
             yield
 
