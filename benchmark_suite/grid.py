@@ -1,4 +1,6 @@
-"""Benchmark grids: ``benchmark_args`` expanded into cells (datasets × splits × overrides × seeds × algorithms).
+"""Benchmark grids: ``benchmark_args`` expanded into cells (datasets × splits × overrides × seeds × algorithms), and
+the record of a finished cell (:class:`CellRecord`) that the runner produces and the leaderboard reads
+(docs/benchmark.md §Running a grid, §Cell identity).
 
 Every cell is a fully resolved :class:`~fedml_pfedmoap.config.Config`. The whole grid is validated before any run:
 a malformed entry raises :class:`GridError` naming the key (``benchmark_args.splits[1].partition_alpha``) and the
@@ -21,6 +23,7 @@ ablation seen from PromptFL) share one run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -115,6 +118,51 @@ class Cell:
                 "seed": str(self.seed), "data_seed": str(self.data_seed), "cell_hash": self.hash,
                 "cell": self.label}
 
+
+
+@dataclass
+class CellRecord:
+    """One finished cell: labels, per-round metrics, summary and the last round's per-client accuracies."""
+
+    dataset: str
+    split: str
+    override: str
+    algorithm: str
+    seed: int
+    data_seed: int
+    cell_hash: str
+    rounds: List[Dict[str, float]] = field(default_factory=list)
+    summary: Dict[str, float] = field(default_factory=dict)
+    client_acc: List[float] = field(default_factory=list)
+    run_id: Optional[str] = None
+    partition_hash: str = ""
+    git_commit: str = ""
+    setting: Dict[str, Any] = field(default_factory=dict)  # the cell's result keys (flat config), see cell_setting
+
+    @property
+    def group(self) -> Tuple[str, str, str]:
+        return (self.dataset, self.split, self.override)
+
+    def relabel(self, cell: Cell) -> "CellRecord":
+        """The same numbers under an alias cell's labels (cells sharing a hash share a run)."""
+        return dataclasses.replace(self, dataset=cell.dataset, split=cell.split, override=cell.override,
+                                   algorithm=cell.algorithm, seed=cell.seed, data_seed=cell.data_seed,
+                                   setting=cell_setting(cell.cfg))
+
+    @classmethod
+    def from_result(cls, cell: Cell, result: Any, run_id: Optional[str] = None, partition_hash: str = "",
+                    git_commit: str = "") -> "CellRecord":
+        """The record of a run's ``RunResult`` (from a finished run or checkpoint)."""
+        return cls(cell.dataset, cell.split, cell.override, cell.algorithm, cell.seed, cell.data_seed, cell.hash,
+                   [dict(r) for r in result.rounds], dict(result.summary),
+                   list(result.client_acc[-1]) if result.client_acc else [], run_id, partition_hash, git_commit,
+                   cell_setting(cell.cfg))
+
+
+def cell_setting(cfg: Config) -> Dict[str, Any]:
+    """The result keys of a cell's config (``section.key -> value``): what paper matching and cautions look at. The
+    cell hash covers them, so the grid's config describes a finished run of the same hash exactly."""
+    return {k: v for k, v in cfg.flat().items() if k in RESULT_KEYS}
 
 def _file_name(value: Any) -> Any:
     """A path-like string -> its file name; anything else (``openai``, ``package:x``, None) unchanged."""

@@ -8,81 +8,34 @@ with the paper's number beside it where the paper reports the same dataset, spli
 quoted, not measured; a group run in another setting gets a footnote saying what differs instead). With one seed a
 cell shows its mean and ``(n=1)``. Cautions are derived from the setting actually run (random-init or mini CLIP
 backbone, packaged stand-in dataset), plus ``benchmark_args.caution`` when the config sets one. The best mean in each
-column is bold.
+column is bold. docs/benchmark.md §Reading the leaderboard explains the table; plots come from ``plots.py``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime as _dt
 import logging
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
 
+from fedml_pfedmoap.federated.metrics import PRIVACY_METRICS, ROUND_METRICS, SUMMARY_METRICS
+from fedml_pfedmoap.tracking import MlflowLogger
+
+from .grid import Cell, CellRecord, expand_grid
+
 logger = logging.getLogger(__name__)
 HEADLINES = ("acc_last5", "acc_last")
-ROUND_KEYS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
-              "bytes_down", "round_time_s", "peak_rss_mb")
-SUMMARY_KEYS = ("acc_last", "acc_last5", "acc_best")
-PRIVACY_KEYS = ("dp_epsilon_run_pld", "dp_epsilon_run_zcdp", "dp_busiest_releases")  # DP runs (docs/privacy.md)
 PAPER_FILE = Path(__file__).with_name("paper_results.yaml")
 
 
-@dataclass
-class CellRecord:
-    """One finished cell: labels, per-round metrics, summary and the last round's per-client accuracies."""
-
-    dataset: str
-    split: str
-    override: str
-    algorithm: str
-    seed: int
-    data_seed: int
-    cell_hash: str
-    rounds: List[Dict[str, float]] = field(default_factory=list)
-    summary: Dict[str, float] = field(default_factory=dict)
-    client_acc: List[float] = field(default_factory=list)
-    run_id: Optional[str] = None
-    partition_hash: str = ""
-    git_commit: str = ""
-    setting: Dict[str, Any] = field(default_factory=dict)  # the cell's result keys (flat config), see cell_setting
-
-    @property
-    def group(self) -> Tuple[str, str, str]:
-        return (self.dataset, self.split, self.override)
-
-    def relabel(self, cell: Any) -> "CellRecord":
-        """The same numbers under an alias cell's labels (cells sharing a hash share a run)."""
-        return dataclasses.replace(self, dataset=cell.dataset, split=cell.split, override=cell.override,
-                                   algorithm=cell.algorithm, seed=cell.seed, data_seed=cell.data_seed,
-                                   setting=cell_setting(cell.cfg))
-
-    @classmethod
-    def from_result(cls, cell: Any, result: Any, run_id: Optional[str] = None, partition_hash: str = "",
-                    git_commit: str = "") -> "CellRecord":
-        return cls(cell.dataset, cell.split, cell.override, cell.algorithm, cell.seed, cell.data_seed, cell.hash,
-                   [dict(r) for r in result.rounds], dict(result.summary),
-                   list(result.client_acc[-1]) if result.client_acc else [], run_id, partition_hash, git_commit,
-                   cell_setting(cell.cfg))
-
-
-def cell_setting(cfg: Any) -> Dict[str, Any]:
-    """The result keys of a cell's config (``section.key -> value``): what paper matching and cautions look at. The
-    cell hash covers them, so the grid's config describes a finished run of the same hash exactly."""
-    from .grid import RESULT_KEYS
-
-    return {k: v for k, v in cfg.flat().items() if k in RESULT_KEYS}
-
-
 # ---- reading MLflow -----------------------------------------------------------------------------------------------
-def collect_from_mlflow(tracker: Any, cells: Sequence[Any]) -> Tuple[List[CellRecord], List[Any]]:
+def collect_from_mlflow(tracker: MlflowLogger, cells: Sequence[Cell]) -> Tuple[List[CellRecord], List[Cell]]:
     """Records for the grid's cells from their FINISHED runs, and the cells that have none."""
     runs = tracker.finished_runs({c.hash for c in cells})
     by_hash = {h: _record_from_run(tracker, run) for h, run in runs.items()}
@@ -90,14 +43,15 @@ def collect_from_mlflow(tracker: Any, cells: Sequence[Any]) -> Tuple[List[CellRe
     return records, [c for c in cells if c.hash not in by_hash]
 
 
-def _record_from_run(tracker: Any, run: Any) -> CellRecord:
+def _record_from_run(tracker: MlflowLogger, run: Any) -> CellRecord:
+    """A finished MLflow run (``mlflow.entities.Run``) read back: tags, round metrics, summary, client accuracies."""
     from fedml_pfedmoap.tracking import read_client_acc_csv
 
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
     steps: Dict[int, Dict[str, float]] = {}
-    for key in [k for k in ROUND_KEYS if k in metrics]:
-        for m in tracker.client.get_metric_history(rid, key):
-            steps.setdefault(int(m.step), {"round": int(m.step)})[key] = float(m.value)
+    for key in [k for k in ROUND_METRICS if k in metrics]:
+        for step, value in tracker.metric_history(rid, key):
+            steps.setdefault(step, {"round": step})[key] = value
     client_acc: List[float] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +63,7 @@ def _record_from_run(tracker: Any, run: Any) -> CellRecord:
     return CellRecord(tags.get("dataset", "?"), tags.get("split", "?"), tags.get("override", ""),
                       tags.get("algorithm", "?"), int(tags.get("seed", 0)), int(tags.get("data_seed", 0)),
                       tags.get("cell_hash", ""), [steps[s] for s in sorted(steps)],
-                      {k: float(metrics[k]) for k in SUMMARY_KEYS + PRIVACY_KEYS if k in metrics}, client_acc, rid,
+                      {k: float(metrics[k]) for k in SUMMARY_METRICS + PRIVACY_METRICS if k in metrics}, client_acc, rid,
                       tags.get("partition_hash", ""), tags.get("git_commit", ""))
 
 
@@ -300,8 +254,8 @@ def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
     return "\n".join(out)
 
 
-CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_KEYS,
-               *SUMMARY_KEYS, "cell_hash", "run_id", "partition_hash", "git_commit"]
+CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_METRICS,
+               *SUMMARY_METRICS, "cell_hash", "run_id", "partition_hash", "git_commit"]
 
 
 def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
@@ -314,10 +268,10 @@ def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
             base = {"dataset": r.dataset, "split": r.split, "override": r.override, "algorithm": r.algorithm,
                     "seed": r.seed, "data_seed": r.data_seed, "cell_hash": r.cell_hash, "run_id": r.run_id or "",
                     "partition_hash": r.partition_hash, "git_commit": r.git_commit,
-                    **{k: repr(float(r.summary[k])) for k in SUMMARY_KEYS if k in r.summary}}
+                    **{k: repr(float(r.summary[k])) for k in SUMMARY_METRICS if k in r.summary}}
             for rnd in r.rounds:
                 w.writerow({**base, "round": int(rnd["round"]),
-                            **{k: repr(float(rnd[k])) for k in ROUND_KEYS if k in rnd}})
+                            **{k: repr(float(rnd[k])) for k in ROUND_METRICS if k in rnd}})
     return path
 
 
@@ -352,17 +306,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
-    from fedml_pfedmoap.tracking import MlflowLogger, resolve_tracking_uri
-
-    from .grid import expand_grid
-    from .runner import experiment_name, uri_is_explicit
+    from fedml_pfedmoap.tracking import tracker_from_config
 
     base = load_config(args.config, args.set)
     cells = expand_grid(base, args.only)
-    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, uri_is_explicit(args.set))
-    if uri is None:
+    tracker = tracker_from_config(base, args.set)
+    if not isinstance(tracker, MlflowLogger):
         raise ValueError("tracking_args.mlflow_tracking_uri: the leaderboard reads MLflow; tracking is off")
-    tracker = MlflowLogger(uri, experiment_name(base))
+    uri = tracker.uri
     records, missing = collect_from_mlflow(tracker, cells)
     if not records:
         raise ValueError(f"no finished runs of {args.config} in MLflow ({uri}, experiment {tracker.experiment!r}); "

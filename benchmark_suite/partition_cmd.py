@@ -3,19 +3,18 @@
 The partition comes from the same code path as a run (dataset builder, ``make_partition`` with the experiment's
 partition parameters, ``common_args.data_seed``), so the file it writes is the one every algorithm of a grid reuses.
 It prints the hash, the file path and the client × class table (train counts by default), and plots train and test
-histograms as a PNG (matplotlib, Agg backend).
+histograms as a PNG (``plots.partition_heatmap``); docs/data.md describes the partition methods.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
-import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from fedml_pfedmoap.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "test"), default="train", help="which split's table to print")
 
 
-def build_partition(cfg):
+def build_partition(cfg: Config) -> Tuple[Any, Any]:
     """(dataset, partition) exactly as ``build_experiment`` makes them (training seed never enters)."""
     from fedml_pfedmoap.data.base import DATASETS, build_dataset
     from fedml_pfedmoap.data.partition import make_partition
@@ -60,34 +59,10 @@ def format_table(hist: np.ndarray, row_names: Optional[Sequence[str]] = None) ->
     return "\n".join(lines)
 
 
-def plot_histograms(hists: dict, classnames: List[str], title: str, path: Path) -> Path:
-    """Heatmaps of the train and test client × class counts, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, c = hists["train"].shape
-    fig, axes = plt.subplots(1, 2, figsize=(min(24, 4 + 0.18 * c) * 2, max(3, 1 + 0.25 * n)), squeeze=False)
-    for ax, split in zip(axes[0], ("train", "test")):
-        im = ax.imshow(hists[split], aspect="auto", interpolation="nearest", cmap="viridis")
-        ax.set_title(f"{split}: {int(hists[split].sum())} items")
-        ax.set_xlabel("class")
-        ax.set_ylabel("client")
-        if c <= 40:
-            ax.set_xticks(range(c))
-            ax.set_xticklabels(classnames, rotation=90, fontsize=6)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
+
+    from .plots import partition_heatmap
 
     cfg = load_config(args.config, args.overrides)
     ds, part = build_partition(cfg)
@@ -95,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else (part.path.with_suffix(".png") if part.path else Path(f"{part.hash}.png"))
     title = f"{ds.name} · {cfg.data_args.partition_method} · {part.num_clients} clients · data_seed " \
             f"{cfg.common_args.data_seed} · {part.hash}"
-    plot_histograms(hists, ds.classnames, title, png)
+    partition_heatmap(hists, ds.classnames, title, png)
     print(f"partition {part.hash}: {ds.name}, {cfg.data_args.partition_method}, {part.num_clients} clients")
     print(f"file: {part.path}")
     print(f"histogram: {png}")

@@ -187,11 +187,11 @@ def set_precision(bench: Bench, precision: str) -> None:
     bench.backbone.autocast_dtype = torch.bfloat16
 
 
-ROUND_KEYS = ("round_time_s", "time_train_s", "time_eval_s", "acc_mean", "test_loss", "train_loss")
+PERF_ROUND_KEYS = ("round_time_s", "time_train_s", "time_eval_s", "acc_mean", "test_loss", "train_loss")  # per-round JSON
 
 
 def _round(m: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: m[k] for k in ROUND_KEYS if k in m}
+    return {k: m[k] for k in PERF_ROUND_KEYS if k in m}
 
 
 @torch.no_grad()

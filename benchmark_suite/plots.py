@@ -1,8 +1,11 @@
-"""Leaderboard plots (matplotlib, Agg): accuracy vs round per algorithm; per-client accuracy distribution."""
+"""Every plot of the suite (matplotlib, Agg): the leaderboard's accuracy vs round per algorithm and per-client accuracy
+distribution (docs/benchmark.md §Reading the leaderboard), and the partition's client × class heat map (the
+``partition`` command's PNG and each run's ``partition-<hash>.png`` artifact).
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +70,29 @@ def client_distribution(records: Sequence[Any], title: str, path: Path) -> Path:
     ax.set_title(f"per-client accuracy: {title}", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def partition_heatmap(hists: Mapping[str, np.ndarray], classnames: Sequence[str], title: str, path: Path) -> Path:
+    """Client × class item counts, one heat map per split (e.g. ``{"train": ..., "test": ...}``), side by side."""
+    plt = _plt()
+    n, c = next(iter(hists.values())).shape
+    fig, axes = plt.subplots(1, len(hists), figsize=(min(24, 4 + 0.18 * c) * len(hists), max(3, 1 + 0.25 * n)),
+                             squeeze=False)
+    for ax, (split, hist) in zip(axes[0], hists.items()):
+        im = ax.imshow(hist, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_title(f"{split}: {int(hist.sum())} items")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        if c <= 40:
+            ax.set_xticks(range(c))
+            ax.set_xticklabels(classnames, rotation=90, fontsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -8,6 +8,8 @@ from its last checkpoint with the same final numbers. At the end the leaderboard
 ``<output_dir>/<benchmark>/summary.csv``, ``LEADERBOARD.md`` and plots are written (from MLflow when tracking is on).
 Every pre-run check (data present, partition possible, model resolvable) runs before any MLflow experiment or run is
 created, so a failed check leaves nothing behind; Ctrl-C ends the open runs as KILLED and raises :class:`Interrupted`.
+Logging goes through ``fedml_pfedmoap.tracking.TrackingLogger`` (a no-op logger when tracking is off); see
+docs/benchmark.md §Running a grid and §Where the results go.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from fedml_pfedmoap.tracking import NullLogger, TrackingLogger
+
+from .grid import Cell, CellRecord, expand_grid, unique_cells
 
 logger = logging.getLogger(__name__)
 FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
@@ -46,16 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headline", default="acc_last5", choices=("acc_last5", "acc_last"))
 
 
-def uri_is_explicit(sets: Sequence[str]) -> bool:
-    return any(s.split("=", 1)[0].strip() == "tracking_args.mlflow_tracking_uri" for s in sets)
-
-
-def experiment_name(cfg: Any) -> str:
-    """``tracking_args.mlflow_experiment``, else ``MLFLOW_EXPERIMENT_NAME``, else the benchmark name."""
-    return cfg.tracking_args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.benchmark_args.name
-
-
-def cell_params(cell: Any, partition_hash: str) -> Dict[str, Any]:
+def cell_params(cell: Cell, partition_hash: str) -> Dict[str, Any]:
     """The flattened resolved config (other algorithms' hyperparameters left out) plus the partition hash."""
     flat = {k: v for k, v in cell.cfg.flat().items()
             if not k.startswith("algorithm_args.") or k.startswith(f"algorithm_args.{cell.algorithm}.")}
@@ -76,13 +73,13 @@ def _fault_injection(label: str, round_idx: int) -> None:
 class GridRunner:
     """Runs cells with shared resources, MLflow logging, checkpoints and one progress bar with an ETA."""
 
-    def __init__(self, out_dir: Path, tracker: Any = None, progress: bool = True, rerun: bool = False,
-                 checkpoint_every: int = 1) -> None:
+    def __init__(self, out_dir: Path, tracker: Optional[TrackingLogger] = None, progress: bool = True,
+                 rerun: bool = False, checkpoint_every: int = 1) -> None:
         from fedml_pfedmoap.experiment import Resources
 
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.tracker = tracker
+        self.tracker: TrackingLogger = tracker if tracker is not None else NullLogger()
         self.progress = progress
         self.rerun = rerun
         self.every = max(1, int(checkpoint_every))
@@ -91,21 +88,19 @@ class GridRunner:
         self._tmp = tempfile.TemporaryDirectory(prefix="pfedmoap-bench-")
         self._partition_png: Dict[tuple, Path] = {}
 
-    def store(self, cell: Any):
+    def store(self, cell: Cell) -> Any:
         from fedml_pfedmoap.checkpoint import CheckpointStore
 
         return CheckpointStore(self.ckpt_dir, cell.slug)
 
-    def finished(self, cells: Sequence[Any]) -> Dict[str, Any]:
-        """cell hash -> evidence that the cell finished: its FINISHED MLflow run when tracking, else a record from the
-        cell's finished checkpoint."""
+    def finished(self, cells: Sequence[Cell]) -> Dict[str, Any]:
+        """cell hash -> evidence that the cell finished: its FINISHED run when the tracker stores runs, else a record
+        from the cell's finished checkpoint."""
         from fedml_pfedmoap.checkpoint import result_from
-
-        from .leaderboard import CellRecord
 
         if self.rerun:
             return {}
-        if self.tracker is not None:
+        if self.tracker.enabled:
             return dict(self.tracker.finished_runs([c.hash for c in cells]))
         out = {}
         for c in cells:
@@ -114,11 +109,9 @@ class GridRunner:
                 out[c.hash] = CellRecord.from_result(c, result_from(ck), ck.get("mlflow_run_id"))
         return out
 
-    def run(self, cells: Sequence[Any], run_name: str, parent_tags: Dict[str, str]) -> Dict[str, Any]:
+    def run(self, cells: Sequence[Cell], run_name: str, parent_tags: Dict[str, str]) -> Dict[str, CellRecord]:
         """Run every unfinished cell; returns cell hash -> CellRecord for the cells run here."""
         from tqdm.auto import tqdm
-
-        from .grid import unique_cells
 
         todo = unique_cells(cells)
         done = self.finished(todo)
@@ -127,12 +120,11 @@ class GridRunner:
             if c.hash in done:
                 logger.debug("skip finished cell %s", c.label)
         logger.info("%d cells in the grid: %d finished, %d to run", len(todo), len(done), len(pending))
-        records: Dict[str, Any] = {}
+        records: Dict[str, CellRecord] = {}
         if not pending:
             return records
         self.preflight(pending)  # every pre-run check, before anything is written to MLflow
-        if self.tracker is not None:
-            self.tracker.start_parent(run_name, tags=parent_tags)
+        self.tracker.start_parent(run_name, tags=parent_tags)
         total = sum(c.cfg.train_args.comm_round for c in pending)
         bar = tqdm(total=total, unit="round", desc="grid", disable=not self.progress, dynamic_ncols=True)
         status = "FAILED"
@@ -145,11 +137,10 @@ class GridRunner:
             raise Interrupted() from None
         finally:
             bar.close()
-            if self.tracker is not None:
-                self.tracker.end_parent(status)
+            self.tracker.end_parent(status)
         return records
 
-    def preflight(self, cells: Sequence[Any]) -> None:
+    def preflight(self, cells: Sequence[Cell]) -> None:
         """Load every distinct model, dataset and partition once before any run (memoized in ``Resources``), so a
         missing checkpoint, data folder or impossible split fails before anything is trained or logged."""
         from fedml_pfedmoap.experiment import build_experiment
@@ -162,12 +153,11 @@ class GridRunner:
                 seen.add(key)
                 build_experiment(c.cfg, c.algorithm, c.seed, self.resources, progress=False)
 
-    def run_cell(self, cell: Any, bar: Any, position: str) -> Any:
+    def run_cell(self, cell: Cell, bar: Any, position: str) -> CellRecord:
+        """Run (or continue) one cell with its checkpoints and its tracked run; returns its record."""
         from fedml_pfedmoap.checkpoint import restore, snapshot
         from fedml_pfedmoap.experiment import build_experiment
         from fedml_pfedmoap.tracking import git_commit
-
-        from .leaderboard import CellRecord
 
         exp = build_experiment(cell.cfg, cell.algorithm, cell.seed, self.resources, progress=False)
         sim, store, tr = exp.simulator, self.store(cell), self.tracker
@@ -186,8 +176,7 @@ class GridRunner:
             if s.next_round % self.every == 0 or s.next_round >= s.rounds:
                 store.save(snapshot(s, cell.hash, run_id))
             _fault_injection(cell.label, t)
-            if tr is not None:
-                tr.log_round(run_id, m, t)
+            tr.log_round(run_id, m, t)
             bar.update(1)
             post = {"cell": f"{position} {cell.label}", "clients": f"{m.get('participants', '?')}/{s.num_clients}"}
             if "acc_mean" in m:
@@ -196,16 +185,15 @@ class GridRunner:
 
         sim.on_round = on_round
         t0 = time.perf_counter()
-        opened = None
+        opened = False
         try:
-            if tr is not None:
-                run_id = opened = self._open_run(cell, exp, ckpt, run_id)
+            run_id = self._open_run(cell, exp, ckpt, run_id)
+            opened = True
             result = sim.run()
-            if opened is not None:
-                self._close_run(opened, result)
+            self._close_run(run_id, result)
         except BaseException as err:
-            if opened is not None:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
-                tr.end_cell(opened, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if opened:  # Ctrl-C: KILLED (the checkpoint stays, a rerun resumes this run)
+                tr.end_cell(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         store.save(snapshot(sim, cell.hash, run_id, finished=True))
         store.prev.unlink(missing_ok=True)
@@ -213,9 +201,10 @@ class GridRunner:
         logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
 
-    def _open_run(self, cell: Any, exp: Any, ckpt: Optional[Dict[str, Any]], run_id: Optional[str]) -> str:
-        """The cell's MLflow run: the checkpoint's run resumed (logging the rounds checkpointed but not yet logged), or
-        a new one with the history so far, the config and the partition plot."""
+    def _open_run(self, cell: Cell, exp: Any, ckpt: Optional[Dict[str, Any]],
+                  run_id: Optional[str]) -> Optional[str]:
+        """The cell's tracked run: the checkpoint's run resumed (logging the rounds checkpointed but not yet logged),
+        or a new one with the history so far, the config and the partition plot."""
         tr, sim = self.tracker, exp.simulator
         resumed = run_id
         run_id = tr.start_cell(cell.run_name, cell_params(cell, exp.partition.hash),
@@ -228,40 +217,47 @@ class GridRunner:
             self._log_start_artifacts(cell, exp, run_id)
         return run_id
 
-    def _close_run(self, run_id: str, result: Any) -> None:
+    def _close_run(self, run_id: Optional[str], result: Any) -> None:
         """Summary metrics, the per-client accuracies and FINISHED."""
         from fedml_pfedmoap.tracking import write_client_acc_csv
 
         self.tracker.log_summary(run_id, result.summary)
-        path = write_client_acc_csv(result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv")
-        self.tracker.log_artifact(run_id, path)
+        self.tracker.log_artifact(run_id, lambda: write_client_acc_csv(
+            result.client_acc, result.rounds, Path(self._tmp.name) / "client_acc.csv"))
         self.tracker.end_cell(run_id, "FINISHED")
 
-    def _log_start_artifacts(self, cell: Any, exp: Any, run_id: str) -> None:
-        import yaml
+    def _log_start_artifacts(self, cell: Cell, exp: Any, run_id: Optional[str]) -> None:
+        """The resolved config and the partition heat map (written only when the tracker stores them)."""
+        self.tracker.log_artifact(run_id, lambda: self._config_yaml(cell))
+        self.tracker.log_artifact(run_id, lambda: self._partition_heatmap(cell, exp))
 
-        from fedml_pfedmoap.tracking import write_partition_png
+    def _config_yaml(self, cell: Cell) -> Path:
+        import yaml
 
         d = Path(self._tmp.name) / cell.hash
         d.mkdir(parents=True, exist_ok=True)
         cfg_path = d / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cell.cfg.to_dict(), sort_keys=False))
-        self.tracker.log_artifact(run_id, cfg_path)
+        return cfg_path
+
+    def _partition_heatmap(self, cell: Cell, exp: Any) -> Path:
+        """The training split's client × class heat map, drawn once per partition."""
+        from .plots import partition_heatmap
+
         key = (cell.partition_key, exp.partition.hash)
         if key not in self._partition_png:
             png = Path(self._tmp.name) / f"partition-{exp.partition.hash}.png"
             hist = exp.partition.histograms(exp.dataset)["train"]
             title = f"{cell.dataset} / {cell.split} / data seed {cell.data_seed} ({exp.partition.hash})"
-            self._partition_png[key] = write_partition_png(hist, list(exp.dataset.classnames), title, png)
-        self.tracker.log_artifact(run_id, self._partition_png[key])
+            self._partition_png[key] = partition_heatmap({"train": hist}, list(exp.dataset.classnames), title, png)
+        return self._partition_png[key]
 
 
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
-    from fedml_pfedmoap.tracking import MlflowLogger, git_commit, resolve_tracking_uri
+    from fedml_pfedmoap.tracking import git_commit, tracker_from_config
 
     from . import leaderboard as lb
-    from .grid import expand_grid
 
     logging.getLogger("benchmark_suite").setLevel(logging.INFO)  # skip/resume/finish notes (the root logger is quiet)
     base = load_config(args.config, args.set)
@@ -270,8 +266,8 @@ def main(args: argparse.Namespace) -> int:
         for c in cells:
             print(f"{c.label}  [{c.hash}]")
         return 0
-    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, uri_is_explicit(args.set))
-    tracker = MlflowLogger(uri, experiment_name(base)) if uri else None
+    tracker = tracker_from_config(base, args.set)
+    uri = tracker.uri
     bench = base.benchmark_args.name
     out_dir = Path(base.common_args.output_dir) / bench
     runner = GridRunner(out_dir, tracker, progress=not args.no_progress, rerun=args.rerun,
@@ -280,7 +276,7 @@ def main(args: argparse.Namespace) -> int:
     tags = {"benchmark": bench, "config_file": str(args.config), "git_commit": git_commit(),
             "sets": " ".join(args.set), "only": " ".join(args.only), "cells": str(len(cells))}
     ran = runner.run(cells, f"{bench} {stamp}", tags)
-    if tracker is not None:  # the table and files come from MLflow, the single source of truth
+    if tracker.enabled:  # the table and files come from MLflow, the single source of truth
         records, missing = lb.collect_from_mlflow(tracker, cells)
         source = f"MLflow `{uri}`, experiment `{tracker.experiment}`"
     else:

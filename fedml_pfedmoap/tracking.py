@@ -1,14 +1,18 @@
-"""MLflow tracking for benchmark grids: one experiment per benchmark, a parent run per grid invocation and one nested
-run per cell (the pattern of torchtune's ``MLFlowLogger``, plus proper handling of an already active parent run).
+"""Run tracking behind one small logger protocol (docs/benchmark.md §Where the results go).
 
-* ``mlflow`` is imported lazily, with an actionable error when it is missing.
+:class:`TrackingLogger` is what the benchmark runner and the FedML plugin call: a parent run per grid invocation, one
+nested run per cell, params, per-round metrics (``step`` = round index), summaries, tags, artifacts and a final
+status (FINISHED, FAILED or KILLED). :func:`tracker_from_config` returns an :class:`MlflowLogger` (one experiment
+per benchmark; the pattern of torchtune's ``MLFlowLogger``, plus proper handling of an already active parent run), or
+a :class:`NullLogger` that does nothing when tracking is off, so callers never branch on it.
+
+* ``mlflow`` is imported on first use only (tracking off never loads it).
 * The tracking URI: an explicit ``--set tracking_args.mlflow_tracking_uri=...`` wins, then ``MLFLOW_TRACKING_URI``,
   then the YAML value (default ``sqlite:///results/mlflow.db``, relative to the working directory); ``null`` turns
   tracking off. ``MLFLOW_EXPERIMENT_NAME`` names the experiment when the config does not; ``MLFLOW_RUN_ID`` or an
   active run (``mlflow.start_run()`` around the grid) becomes the parent.
-* Metrics are logged once per round in one batch (``acc_mean``, ``acc_weighted``, ``acc_std``, ``acc_bottom10``,
-  ``train_loss``, ``test_loss``, ``bytes_up``, ``bytes_down``, ``round_time_s``, ``peak_rss_mb`` and any other numeric
-  round metric), with ``step`` = round index; summaries ``acc_last``/``acc_last5``/``acc_best`` at the end.
+* Metrics are logged once per round in one batch (the names of ``federated.metrics.ROUND_METRICS`` and any other
+  numeric round metric), summaries (``SUMMARY_METRICS``) at the end.
 * Only the server side logs (a single writer), as FedML has no MLflow support of its own.
 """
 from __future__ import annotations
@@ -22,24 +26,22 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import (Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Protocol, Sequence, Set, Tuple,
+                    Union)
+
+from .config import Config
 
 logger = logging.getLogger(__name__)
 
 OFF = {"", "none", "null", "off", "false"}
-ROUND_METRICS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
-                 "bytes_down", "round_time_s", "peak_rss_mb")
-SUMMARY_METRICS = ("acc_last", "acc_last5", "acc_best")
 STEP_KEY = "round_time_s"  # logged every round: its history tells which rounds reached MLflow
 MAX_PARAM_LEN = 6000
 
 
-def _mlflow():
-    try:
-        import mlflow
-    except ImportError as err:  # pragma: no cover - mlflow is a dependency
-        raise ImportError("MLflow tracking needs `mlflow` (pip install 'mlflow==2.22.5'), or set "
-                          "tracking_args.mlflow_tracking_uri=null to run without tracking") from err
+def _mlflow() -> Any:
+    """``mlflow`` (a dependency, imported on first use: tracking off never loads it), with its noise turned down."""
+    import mlflow
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -95,8 +97,104 @@ def _finite(items: Mapping[str, Any]) -> Dict[str, float]:
     return out
 
 
-class MlflowLogger:
+Status = Literal["FINISHED", "FAILED", "KILLED"]
+Artifact = Union[str, Path, Callable[[], Path]]  # a file, or a function writing it (called only when stored)
+
+
+class TrackingLogger(Protocol):
+    """What the runner and the FedML plugin call. Run ids are ``None`` when nothing is stored (:class:`NullLogger`)."""
+
+    enabled: bool  # True when runs are stored: then they, not the checkpoints, say which cells finished
+    uri: Optional[str]
+    experiment: str
+
+    def start_parent(self, run_name: str, tags: Optional[Mapping[str, str]] = None,
+                     params: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+        """Open (or adopt) the parent run of a grid invocation."""
+
+    def end_parent(self, status: Status = "FINISHED") -> None:
+        """End the parent run opened by :meth:`start_parent`."""
+
+    def start_cell(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                   resume_run_id: Optional[str] = None) -> Optional[str]:
+        """Open a nested run (or resume ``resume_run_id``); returns its id."""
+
+    def end_cell(self, run_id: Optional[str], status: Status = "FINISHED") -> None:
+        """End a run opened by :meth:`start_cell`."""
+
+    def log_round(self, run_id: Optional[str], metrics: Mapping[str, Any], step: int) -> None:
+        """The finite numeric metrics of one round at ``step``."""
+
+    def log_summary(self, run_id: Optional[str], summary: Mapping[str, float]) -> None:
+        """The run's summary metrics."""
+
+    def logged_steps(self, run_id: Optional[str]) -> Set[int]:
+        """The rounds already logged to the run."""
+
+    def log_artifact(self, run_id: Optional[str], path: Artifact) -> None:
+        """Attach a file to the run."""
+
+    def finished_runs(self, cell_hashes: Iterable[str]) -> Dict[str, Any]:
+        """cell hash -> the newest FINISHED run carrying it."""
+
+
+class NullLogger(TrackingLogger):
+    """Tracking off: every call does nothing (an artifact function is never called); a resumed id is kept."""
+
+    enabled = False
+    uri = None
+
+    def __init__(self, experiment: str = "") -> None:
+        self.experiment = experiment
+
+    def start_parent(self, run_name: str, tags: Optional[Mapping[str, str]] = None,
+                     params: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+        return None
+
+    def end_parent(self, status: Status = "FINISHED") -> None:
+        return None
+
+    def start_cell(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                   resume_run_id: Optional[str] = None) -> Optional[str]:
+        return resume_run_id
+
+    def end_cell(self, run_id: Optional[str], status: Status = "FINISHED") -> None:
+        return None
+
+    def log_round(self, run_id: Optional[str], metrics: Mapping[str, Any], step: int) -> None:
+        return None
+
+    def log_summary(self, run_id: Optional[str], summary: Mapping[str, float]) -> None:
+        return None
+
+    def logged_steps(self, run_id: Optional[str]) -> Set[int]:
+        return set()
+
+    def log_artifact(self, run_id: Optional[str], path: Artifact) -> None:
+        return None
+
+    def finished_runs(self, cell_hashes: Iterable[str]) -> Dict[str, Any]:
+        return {}
+
+
+def _uri_is_explicit(sets: Sequence[str]) -> bool:
+    return any(s.split("=", 1)[0].strip() == "tracking_args.mlflow_tracking_uri" for s in sets)
+
+
+def tracker_from_config(cfg: Config, sets: Sequence[str] = (), experiment: Optional[str] = None) -> TrackingLogger:
+    """The logger for a config and its ``--set`` overrides: :class:`MlflowLogger` on the resolved URI, else
+    :class:`NullLogger`. The experiment is ``experiment`` when given (the FedML plugin names its own), else
+    ``tracking_args.mlflow_experiment``, else ``MLFLOW_EXPERIMENT_NAME``, else the benchmark name."""
+    uri = resolve_tracking_uri(cfg.tracking_args.mlflow_tracking_uri, _uri_is_explicit(sets))
+    name = experiment or (cfg.tracking_args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                          or cfg.benchmark_args.name)
+    return MlflowLogger(uri, name) if uri else NullLogger(name)
+
+
+class MlflowLogger(TrackingLogger):
     """Parent/child MLflow runs over ``MlflowClient`` (explicit run ids, no global active-run stack)."""
+
+    enabled = True
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
         mlflow = _mlflow()
@@ -153,7 +251,7 @@ class MlflowLogger:
             self.log_params(self.parent_id, params or {})
         return self.parent_id
 
-    def end_parent(self, status: str = "FINISHED") -> None:
+    def end_parent(self, status: Status = "FINISHED") -> None:
         if self.parent_id and self._own_parent:
             self.client.set_terminated(self.parent_id, status)
 
@@ -206,8 +304,12 @@ class MlflowLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
-    def logged_steps(self, run_id: str) -> set:
-        return {int(m.step) for m in self.client.get_metric_history(run_id, STEP_KEY)}
+    def metric_history(self, run_id: str, key: str) -> List[Tuple[int, float]]:
+        """(step, value) of every logged value of ``key``."""
+        return [(int(m.step), float(m.value)) for m in self.client.get_metric_history(run_id, key)]
+
+    def logged_steps(self, run_id: str) -> Set[int]:
+        return {step for step, _ in self.metric_history(run_id, STEP_KEY)}
 
     def log_summary(self, run_id: str, summary: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -219,23 +321,21 @@ class MlflowLogger:
     def _artifact_uri(self):
         """``mlflow-artifacts:/`` (a server's proxied store) resolves against the *global* tracking URI even for a
         client with its own URI, so point the global one at ours for the duration of an artifact call."""
-        try:
-            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-        except ImportError:  # pragma: no cover - other MLflow versions
-            yield
-            return
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # MLflow is pinned (setup.py)
+
         with _use_tracking_uri(self.uri):
             yield
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, run_id: str, path: Artifact, artifact_path: Optional[str] = None) -> None:
+        """Upload a file; a function is called first to write it."""
         with self._artifact_uri():
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self.client.log_artifact(run_id, str(path() if callable(path) else path), artifact_path)
 
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         with self._artifact_uri():
             return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
-    def end_cell(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_cell(self, run_id: str, status: Status = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
     # ---- queries --------------------------------------------------------------------------------------------------
@@ -270,29 +370,6 @@ def write_client_acc_csv(client_acc: Sequence[Sequence[float]], rounds: Sequence
         for t, accs in zip(eval_rounds, client_acc):
             for cid, a in enumerate(accs):
                 w.writerow([t, cid, f"{float(a):.6f}"])
-    return Path(path)
-
-
-def write_partition_png(hist: Any, classnames: List[str], title: str, path: str | Path) -> Path:
-    """Client × class heat map of training counts (the partition histogram)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    h = np.asarray(hist)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * h.shape[1], 14), min(1.5 + 0.3 * h.shape[0], 12)))
-    im = ax.imshow(h, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("class")
-    ax.set_ylabel("client")
-    ax.set_title(title, fontsize=9)
-    if h.shape[1] <= 40:
-        ax.set_xticks(range(h.shape[1]), [c[:12] for c in classnames], rotation=90, fontsize=6)
-    fig.colorbar(im, ax=ax, label="train images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
     return Path(path)
 
 

@@ -87,7 +87,8 @@ def test_simulated_run_reports_labelled_epsilons(tiny_backbone, accounting):
 
 
 def test_leaderboard_privacy_column():
-    from benchmark_suite.leaderboard import CellRecord, markdown
+    from benchmark_suite.grid import CellRecord
+    from benchmark_suite.leaderboard import markdown
 
     def rec(algo, seed, summary):
         return CellRecord("digits", "pathological", "", algo, seed, 0, f"h{algo}{seed}",

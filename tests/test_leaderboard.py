@@ -119,7 +119,7 @@ MINI = {**TABLE1, "model_args.model": "mini-clip", "model_args.pretrained": "pac
 
 
 def _rec(algo, seed, last5, last, best, bottom, dataset="oxford_pets", split="pathological", setting=None):
-    from benchmark_suite.leaderboard import CellRecord
+    from benchmark_suite.grid import CellRecord
 
     return CellRecord(dataset, split, "", algo, seed, 0, f"{algo}{seed}",
                       rounds=[{"round": 0, "acc_mean": last, "acc_bottom10": bottom}],
@@ -206,8 +206,8 @@ def test_cautions_follow_the_setting_run():
 @pytest.mark.parametrize("table", [1, 2, 3, 4])
 def test_shipped_paper_configs_are_the_papers_setting(table):
     """Every cell of configs/benchmarks/paper_table<k>.yaml gets the paper column (and the mini quickstart none)."""
-    from benchmark_suite.grid import expand_grid
-    from benchmark_suite.leaderboard import cell_setting, load_paper, paper_entry, setting_mismatch
+    from benchmark_suite.grid import cell_setting, expand_grid
+    from benchmark_suite.leaderboard import load_paper, paper_entry, setting_mismatch
     from fedml_pfedmoap.config import load_config
 
     paper = load_paper()

@@ -161,3 +161,43 @@ def test_real_mlflow_server_over_http(tmp_path, cache, monkeypatch):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         proc.stderr.close()
+
+
+def test_tracker_from_config_and_the_null_logger(tmp_path, monkeypatch):
+    """Tracking off gives a logger that stores nothing and never writes an artifact; on, the URI and experiment follow
+    the documented precedence (--set > env > YAML; config > MLFLOW_EXPERIMENT_NAME > benchmark name)."""
+    from fedml_pfedmoap.config import load_config
+    from fedml_pfedmoap.tracking import MlflowLogger, NullLogger, tracker_from_config
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    off = tracker_from_config(load_config(quickstart, ["tracking_args.mlflow_tracking_uri=null"]))
+    assert isinstance(off, NullLogger) and not off.enabled and off.uri is None and off.experiment == "quickstart"
+    assert off.start_parent("p") is None and off.start_cell("c", {"a": 1}, {}) is None
+    assert off.start_cell("c", {}, {}, resume_run_id="r1") == "r1"  # a checkpoint's run id is kept
+    off.log_artifact("r1", lambda: pytest.fail("a no-op logger must not write artifacts"))
+    off.log_round("r1", {"acc_mean": 0.5}, 0)
+    assert off.logged_steps("r1") == set() and off.finished_runs(["h"]) == {}
+
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    sets = [f"tracking_args.mlflow_tracking_uri={db}"]
+    on = tracker_from_config(load_config(quickstart, sets), sets)
+    assert isinstance(on, MlflowLogger) and on.enabled and on.uri == db and on.experiment == "from-env"
+    assert tracker_from_config(load_config(quickstart, sets)).uri == f"sqlite:///{tmp_path / 'env.db'}"
+    named = tracker_from_config(load_config(quickstart, ["tracking_args.mlflow_experiment=mine"]), experiment="x")
+    assert named.experiment == "x"
+
+
+def test_metric_names_have_one_source():
+    """The summary CSV's metric columns and the client/run summaries use the documented names."""
+    from benchmark_suite.leaderboard import CSV_COLUMNS
+    from fedml_pfedmoap.federated.metrics import client_summary, run_summary
+
+    assert CSV_COLUMNS[7:20] == ["acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss",
+                                 "bytes_up", "bytes_down", "round_time_s", "peak_rss_mb", "acc_last", "acc_last5",
+                                 "acc_best"]
+    assert list(client_summary([0.5, 1.0], [1, 1])) == ["acc_mean", "acc_weighted", "acc_std", "acc_bottom10"]
+    assert list(run_summary([0.5, 1.0])) == ["acc_last", "acc_last5", "acc_best"]

@@ -1,10 +1,20 @@
-"""Per-round metrics over clients and run summaries (docs/algorithms.md §Evaluation)."""
+"""Per-round metrics over clients, run summaries, and the one list of metric names (docs/algorithms.md §Evaluation).
+
+The MLflow logger, the FedML plugin's logger and the leaderboard name metrics through the tuples below; docs/benchmark.md
+§Where the results go says what each one means.
+"""
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Sequence
 
 import numpy as np
+
+CLIENT_METRICS = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10")  # client_summary, every evaluated round
+ROUND_METRICS = (*CLIENT_METRICS, "train_loss", "test_loss", "bytes_up", "bytes_down", "round_time_s",
+                 "peak_rss_mb")  # logged with step = round index
+SUMMARY_METRICS = ("acc_last", "acc_last5", "acc_best")  # run_summary, once per run
+PRIVACY_METRICS = ("dp_epsilon_run_pld", "dp_epsilon_run_zcdp", "dp_busiest_releases")  # DP runs (docs/privacy.md)
 
 
 def client_summary(accs: Sequence[float], n_test: Sequence[int]) -> Dict[str, float]:
@@ -14,12 +24,8 @@ def client_summary(accs: Sequence[float], n_test: Sequence[int]) -> Dict[str, fl
     if a.size == 0:
         return {}
     k = max(1, int(math.ceil(0.1 * a.size)))
-    return {
-        "acc_mean": float(a.mean()),
-        "acc_weighted": float((a * n).sum() / max(n.sum(), 1.0)),
-        "acc_std": float(a.std()),
-        "acc_bottom10": float(np.sort(a)[:k].mean()),
-    }
+    values = (a.mean(), (a * n).sum() / max(n.sum(), 1.0), a.std(), np.sort(a)[:k].mean())
+    return {name: float(v) for name, v in zip(CLIENT_METRICS, values)}
 
 
 def run_summary(acc_by_round: List[float]) -> Dict[str, float]:
@@ -27,4 +33,4 @@ def run_summary(acc_by_round: List[float]) -> Dict[str, float]:
     if not acc_by_round:
         return {}
     a = np.asarray(acc_by_round, dtype=np.float64)
-    return {"acc_last": float(a[-1]), "acc_last5": float(a[-5:].mean()), "acc_best": float(a.max())}
+    return {name: float(v) for name, v in zip(SUMMARY_METRICS, (a[-1], a[-5:].mean(), a.max()))}
