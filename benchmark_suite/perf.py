@@ -142,7 +142,7 @@ class Bench:
         return cls(args)
 
     def runtime(self, naive: bool, per_call: Optional[int] = None):
-        from fedml_pfedmoap.algorithms.base import Runtime
+        from fedml_pfedmoap.algorithms.protocol import Runtime
         from .perf_naive import NeverHitCache
 
         a = self.args

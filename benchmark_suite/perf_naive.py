@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from fedml_pfedmoap.algorithms.base import Algorithm, PromptAlgorithm, make_generator
+from fedml_pfedmoap.algorithms.promptfl import PromptAlgorithm
+from fedml_pfedmoap.algorithms.protocol import Algorithm
+from fedml_pfedmoap.seeding import make_generator
 from fedml_pfedmoap.clip.backbone import ClipBackbone
 from fedml_pfedmoap.federated.features import Batch, FeatureSet
 

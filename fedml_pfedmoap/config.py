@@ -231,6 +231,41 @@ def check_ranges(cfg: Config) -> None:
         rule.check(dotted, getattr(getattr(cfg, section), key))
 
 
+PRECISIONS = ("fp32", "bf16")  # model_args.precision (experiment.py maps them to the towers' autocast dtype)
+
+
+def check_precision(cfg: Config) -> None:
+    """``model_args.precision``: fp32 (exact) | bf16 (autocast around the frozen towers)."""
+    if cfg.model_args.precision not in PRECISIONS:
+        raise ConfigError(f"model_args.precision: expected one of {sorted(PRECISIONS)}, "
+                          f"got {cfg.model_args.precision!r}")
+
+
+def check_participation(cfg: Config) -> None:
+    """``train_args.client_num_per_round`` within [1, client_num_in_total]."""
+    t = cfg.train_args
+    if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
+        raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+
+
+def check_cifar_transform(cfg: Config) -> None:
+    """``data_args.cifar_transform``: clip (default, the fix of D11) | legacy (CIFAR-10/100 only, no augmentation)."""
+    d = cfg.data_args
+    if d.cifar_transform not in ("clip", "legacy"):
+        raise ConfigError(f"data_args.cifar_transform: expected 'clip' or 'legacy', got {d.cifar_transform!r}")
+    if d.cifar_transform == "legacy" and (d.dataset not in ("cifar10", "cifar100") or d.train_augment != "none"):
+        raise ConfigError("data_args.cifar_transform: 'legacy' reproduces the reference's CIFAR-10/100 transform "
+                          f"(no augmentation); got dataset {d.dataset!r} with train_augment {d.train_augment!r}")
+
+
+def validate(cfg: Config) -> None:
+    """The cross-field checks of a built ``Config`` (one copy, for every entry point), then every numeric range."""
+    check_precision(cfg)
+    check_participation(cfg)
+    check_cifar_transform(cfg)
+    check_ranges(cfg)
+
+
 PACKAGE_PREFIX = "package:"
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 

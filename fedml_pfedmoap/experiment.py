@@ -1,29 +1,32 @@
 """From a resolved config to a ready simulator: backbone, dataset, partition, cached features, algorithm.
 
-``build_experiment(cfg, algorithm, seed)`` is the single place where these pieces meet; the benchmark CLI, the FedML
-entry point and the tests all go through it.
+``build_experiment(cfg, algorithm, seed)`` is the single place where these pieces meet (pure composition; the config's
+cross-field checks live in ``config.validate``); the benchmark CLI, the FedML entry point and the tests all go through
+it (docs/architecture.md §Layers).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 
 from .algorithms import get_algorithm
-from .algorithms.base import Algorithm, Runtime
+from .algorithms.protocol import Algorithm, Runtime
 from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
-from .config import Config, ConfigError, check_ranges, resolve_pretrained
+from .config import Config, ConfigError, ModelArgs, resolve_pretrained, validate
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
-from .data.transforms import cifar_legacy_transform, test_transform, train_transform
+from .data.transforms import cifar_legacy_transform, parse_augment, test_transform, train_transform
+from .federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
 from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
 
 logger = logging.getLogger(__name__)
+V = TypeVar("V")
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -35,69 +38,136 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES: Dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16}  # config.PRECISIONS
 
 
-def precision_dtype(cfg: Config) -> Optional[torch.dtype]:
-    """model_args.precision -> the autocast dtype of the frozen towers (None: exact fp32)."""
-    if cfg.model_args.precision not in PRECISIONS:
-        raise ConfigError(f"model_args.precision: expected one of {sorted(PRECISIONS)}, "
-                          f"got {cfg.model_args.precision!r}")
-    return PRECISIONS[cfg.model_args.precision]
+class BackboneKey(NamedTuple):
+    model: str
+    pretrained: Optional[str]
+    force_quick_gelu: bool
+    device: str
+    precision: str
+
+
+class DatasetKey(NamedTuple):
+    dataset: str
+    data_root: Optional[str]
+    layout: str
+    options: Tuple[Tuple[str, Any], ...]
+
+
+class FeatureKey(NamedTuple):
+    """One encoded split: backbone identity, dataset fingerprint, split, transform description, patch tokens."""
+
+    backbone: str
+    dataset: str
+    split: str
+    transform: str
+    patches: bool
+
+
+class TextKey(NamedTuple):
+    backbone: str
+    classnames: Tuple[str, ...]
+    n_ctx: int
+    truncate: bool
+    compile: bool
+
+
+def make_backbone(m: ModelArgs, device: torch.device) -> ClipBackbone:
+    """The frozen CLIP of ``model_args`` with the towers' autocast dtype of ``model_args.precision`` (``load_clip``
+    takes no precision argument, so it is set here, in this one factory)."""
+    torch.manual_seed(0)  # random-init models (tests, perf) are then identical across processes
+    backbone = load_clip(m.model, resolve_pretrained(m.pretrained), device=device, force_quick_gelu=m.force_quick_gelu)
+    backbone.autocast_dtype = AUTOCAST_DTYPES[m.precision]
+    return backbone
+
+
+def make_text_encoder(m: ModelArgs, backbone: ClipBackbone, classnames: Any, device: torch.device) -> TextEncoder:
+    """The CoOp text path of the dataset's class names, in ``model_args.precision`` (optionally compiled)."""
+    text = TextEncoder(backbone, classnames, m.n_ctx, truncate=m.truncate_text).to(device)
+    text.autocast_dtype = AUTOCAST_DTYPES[m.precision]
+    if m.compile_text:
+        text.compile_transformer()
+    return text
 
 
 class Resources:
-    """Process-wide memo of the expensive, frozen pieces (backbone, dataset, features) shared by grid cells."""
+    """Process-wide memo of the expensive, frozen pieces (backbone, dataset, features, text path) shared by grid
+    cells; each memo is keyed by a small typed key (the experiment owns the cache keys)."""
 
     def __init__(self) -> None:
-        self.backbones: Dict[Tuple, ClipBackbone] = {}
-        self.datasets: Dict[Tuple, ImageDataset] = {}
-        self.features: Dict[Tuple, FeatureSet] = {}
+        self.backbones: Dict[BackboneKey, ClipBackbone] = {}
+        self.datasets: Dict[DatasetKey, ImageDataset] = {}
+        self.features: Dict[FeatureKey, FeatureSet] = {}
+        self.texts: Dict[TextKey, TextEncoder] = {}
+
+    @staticmethod
+    def _memo(memo: Dict[Any, V], key: Any, make: Callable[[], V]) -> V:
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
     def backbone(self, cfg: Config, device: torch.device) -> ClipBackbone:
         m = cfg.model_args
-        key = (m.model, m.pretrained, m.force_quick_gelu, str(device), m.precision)
-        if key not in self.backbones:
-            torch.manual_seed(0)  # random-init models (tests, perf) are then identical across processes
-            self.backbones[key] = load_clip(m.model, resolve_pretrained(m.pretrained), device=device,
-                                            force_quick_gelu=m.force_quick_gelu)
-            self.backbones[key].autocast_dtype = precision_dtype(cfg)
-        return self.backbones[key]
+        key = BackboneKey(m.model, m.pretrained, m.force_quick_gelu, str(device), m.precision)
+        return self._memo(self.backbones, key, lambda: make_backbone(m, device))
 
     def dataset(self, cfg: Config) -> ImageDataset:
         d = cfg.data_args
-        key = (d.dataset, d.data_root, d.layout, tuple(sorted(d.dataset_options.items())))
-        if key not in self.datasets:
-            opts = dict(d.dataset_options)
-            if d.layout != "auto":
-                opts["layout"] = d.layout
-            self.datasets[key] = build_dataset(d.dataset, d.data_root, **opts)
-        return self.datasets[key]
+        key = DatasetKey(d.dataset, d.data_root, d.layout, tuple(sorted(d.dataset_options.items())))
+        opts = dict(d.dataset_options, **({"layout": d.layout} if d.layout != "auto" else {}))
+        return self._memo(self.datasets, key, lambda: build_dataset(d.dataset, d.data_root, **opts))
+
+    def text(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> TextEncoder:
+        m = cfg.model_args
+        key = TextKey(backbone.identity, tuple(ds.classnames), m.n_ctx, m.truncate_text, m.compile_text)
+        return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, ds.classnames, device))
+
+    def encoded(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, fn: Callable, desc: str,
+                patches: bool, device: torch.device) -> FeatureSet:
+        """A split encoded through ``fn`` (described by ``desc``): memo, then the on-disk feature cache."""
+        cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
+        key = FeatureKey(backbone.identity, ds.fingerprint(), split, desc, patches)
+        return self._memo(self.features, key, lambda: cache.load_or_encode(
+            backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc, patches=patches, device=device).to(device))
 
     def split_features(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, patches: bool,
                        device: torch.device, lazy_patches: bool = False) -> FeatureSet:
         """Cached features of a split; ``lazy_patches``: pooled features cached, patch tokens encoded on the fly."""
         size = backbone.image_size
         if split == "train" and cfg.data_args.train_augment != "none":  # online / bank:M (federated/augment.py)
-            from .federated.augment import augmented_train_features
-
-            return augmented_train_features(self, cfg, backbone, ds, patches or lazy_patches, device)
-        if cfg.data_args.cifar_transform == "legacy":  # D11 parity, both splits (validated in build_experiment)
+            return self.augmented_train(cfg, backbone, ds, patches or lazy_patches, device)
+        if cfg.data_args.cifar_transform == "legacy":  # D11 parity, both splits (config.check_cifar_transform)
             fn, desc = cifar_legacy_transform(cfg.data_args.dataset, size)
         elif split == "train":
             fn, desc = train_transform(cfg.data_args.train_augment, size, backbone.image_mean, backbone.image_std)
         else:
             fn, desc = test_transform(size, backbone.image_mean, backbone.image_std)
-        key = (backbone.identity, ds.fingerprint(), split, desc, patches)
-        if key not in self.features:
-            cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
-            fs = cache.load_or_encode(backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc,
-                                      patches=patches, device=device)
-            self.features[key] = fs.to(device)
+        fs = self.encoded(cfg, backbone, ds, split, fn, desc, patches, device)
         if lazy_patches:
-            fs = self.features[key]
             return FeatureSet(fs.feats, fs.labels, LazyPatches(backbone, getattr(ds, split), fn, device=device))
-        return self.features[key]
+        return fs
+
+    def augmented_train(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, patches: bool,
+                        device: torch.device) -> FeatureSet:
+        """The train split under ``train_augment`` online / bank:M (docs/data.md §Preprocessing)."""
+        kind, m = parse_augment(cfg.data_args.train_augment)
+        size, mean, std = backbone.image_size, backbone.image_mean, backbone.image_std
+        aug, desc = train_transform(cfg.data_args.train_augment, size, mean, std)
+        clean_fn, clean_desc = test_transform(size, mean, std)
+        clean = self.encoded(cfg, backbone, ds, "train", clean_fn, clean_desc, patches and kind == "bank", device)
+        if kind == "online":
+            return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device,
+                                    num_workers=cfg.data_args.num_workers)
+
+        def bank() -> FeatureSet:
+            cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
+            views, view_patches = bank_views(cache, backbone, ds, aug, desc, m, patches, device,
+                                             seed=cfg.common_args.data_seed)
+            return BankFeatureSet(clean, views, view_patches).to(device)
+
+        return self._memo(self.features, FeatureKey(backbone.identity, ds.fingerprint(), "train", desc, patches), bank)
 
 
 @dataclass
@@ -111,16 +181,6 @@ class Experiment:
     simulator: Simulator
 
 
-def check_cifar_transform(cfg: Config) -> None:
-    """``data_args.cifar_transform``: clip (default, the fix of D11) | legacy (CIFAR-10/100 only, no augmentation)."""
-    d = cfg.data_args
-    if d.cifar_transform not in ("clip", "legacy"):
-        raise ConfigError(f"data_args.cifar_transform: expected 'clip' or 'legacy', got {d.cifar_transform!r}")
-    if d.cifar_transform == "legacy" and (d.dataset not in ("cifar10", "cifar100") or d.train_augment != "none"):
-        raise ConfigError("data_args.cifar_transform: 'legacy' reproduces the reference's CIFAR-10/100 transform "
-                          f"(no augmentation); got dataset {d.dataset!r} with train_augment {d.train_augment!r}")
-
-
 def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optional[int] = None,
                      resources: Optional[Resources] = None, progress: bool = True) -> Experiment:
     """Everything a run needs; fails before any training on a bad algorithm, model, dataset or partition."""
@@ -132,13 +192,9 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     if family is not None:
         params = {**family(cfg.data_args.dataset), **params}
     algo_cls.parse_params(params)  # validate before any heavy work
-    precision_dtype(cfg)
+    validate(cfg)
     seed = cfg.common_args.random_seed if seed is None else int(seed)
     t = cfg.train_args
-    if t.client_num_per_round > t.client_num_in_total or t.client_num_per_round < 1:
-        raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
-    check_cifar_transform(cfg)
-    check_ranges(cfg)
     if cfg.device_args.num_threads:
         torch.set_num_threads(int(cfg.device_args.num_threads))
     device = resolve_device(cfg)
@@ -152,16 +208,8 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     lazy = patches and _patches_over_budget(algo_cls.parse_params(params), backbone, ds, device)
     train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy_patches=lazy)
     test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy_patches=lazy)
-    text_key = ("text", backbone.identity, tuple(ds.classnames), cfg.model_args.n_ctx, cfg.model_args.truncate_text,
-                cfg.model_args.compile_text)
-    if text_key not in res.features:
-        res.features[text_key] = TextEncoder(backbone, ds.classnames, cfg.model_args.n_ctx,
-                                             truncate=cfg.model_args.truncate_text).to(device)
-        res.features[text_key].autocast_dtype = precision_dtype(cfg)
-        if cfg.model_args.compile_text:
-            res.features[text_key].compile_transformer()
-    rt = Runtime(backbone=backbone, text=res.features[text_key], num_clients=t.client_num_in_total, seed=seed,
-                 local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
+    rt = Runtime(backbone=backbone, text=res.text(cfg, backbone, ds, device), num_clients=t.client_num_in_total,
+                 seed=seed, local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
                  batch_eval_text=t.batch_eval_text, train_clients_per_call=t.train_clients_per_call)
     algo = algo_cls(rt, params)
@@ -196,8 +244,3 @@ def _partition_params(cfg: Config) -> Dict[str, Any]:
                 **extra}
     return {"alpha": d.partition_alpha, "min_size": d.min_size, **extra}
 
-
-def list_partition_methods() -> List[str]:
-    from .data.partition import PARTITIONERS
-
-    return PARTITIONERS.names()

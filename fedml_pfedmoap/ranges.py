@@ -109,7 +109,7 @@ CONFIG_RULES: Dict[str, Num] = {
 }
 
 PARAM_RULES: Dict[str, Any] = {
-    # every prompt method (algorithms/base.py PromptParams)
+    # every prompt method (algorithms/protocol.py PromptParams)
     "lr": POS,
     "momentum": Num(float, 0, 1, open_high=True),
     "weight_decay": NONNEG,

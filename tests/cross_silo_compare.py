@@ -15,7 +15,7 @@ from tree_compare import deep_equal
 def adapters_match_simulator(tmp_path: Path, algorithm: str, params: Dict[str, Any], rounds: int = 2,
                              clients: int = 4, per_round: int = 3) -> list:
     from fedml_pfedmoap.experiment import Resources, build_experiment
-    from fedml_pfedmoap.federated.simulator import sample_clients
+    from fedml_pfedmoap.federated.schedule import sample_clients
     from fedml_pfedmoap.fedml_plugin.config import load_plugin_config, to_fedml_namespace
     from fedml_pfedmoap.fedml_plugin.cross_silo import PersonalizedClientTrainer, PersonalizedServerAggregator
     from fedml_pfedmoap.fedml_plugin.metrics_log import RoundLogger

@@ -129,8 +129,8 @@ def test_cifar_legacy_transform_wired_into_features(tmp_path, tiny_backbone, qui
     resize of the normalized tensor; the default (clip) features differ and have their own cache key."""
     import fixtures_data as FD
     import torch.nn.functional as Fn
-    from fedml_pfedmoap.config import ConfigError
-    from fedml_pfedmoap.experiment import Resources, build_experiment, check_cifar_transform
+    from fedml_pfedmoap.config import ConfigError, check_cifar_transform
+    from fedml_pfedmoap.experiment import Resources, build_experiment
 
     FD.make_cifar(tmp_path / "data", "cifar10")
     quick_cfg.data_args.dataset, quick_cfg.data_args.data_root = "cifar10", str(tmp_path / "data")

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.backbone import ClipBackbone, attention_pool_all_queries
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import Batch, FeatureSet, LazyPatches, patch_cache_bytes
-from fedml_pfedmoap.federated.simulator import payload_bytes
+from fedml_pfedmoap.federated.schedule import payload_bytes
 from test_ot import reference_ot
 
 PERSONAL = ["fedotp", "fedpgp", "promptfolio"]
@@ -195,7 +195,8 @@ def test_fedotp_rejects_bad_settings(rt):
 def test_round0_all_clients_parity_schedule(rt, name):
     """docs/algorithms.md: with the flag every client trains in round 0, then the shared `frac` schedule resumes; the
     default follows the shared schedule from round 0."""
-    from fedml_pfedmoap.federated.simulator import ClientData, Simulator, sample_clients
+    from fedml_pfedmoap.federated.schedule import sample_clients
+    from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 
     clients = [ClientData(random_set(rt, 4, seed=40 + i), random_set(rt, 3, seed=50 + i)) for i in range(4)]
     for flag in (False, True):

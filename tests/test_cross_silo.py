@@ -31,7 +31,7 @@ def reference(cfg_path: Path):
 
 def check_job(tmp: Path, ranks: int, rounds: int):
     """Shared assertions on a finished job (see the module docstring)."""
-    from fedml_pfedmoap.federated.simulator import sample_clients
+    from fedml_pfedmoap.federated.schedule import sample_clients
     from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
 
     pc = load_plugin_config(tmp / "cfg.yaml")

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import FeatureSet
-from fedml_pfedmoap.federated.simulator import ClientData, Simulator, sample_clients
+from fedml_pfedmoap.federated.schedule import sample_clients
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 from fedml_pfedmoap.config import ConfigError
 from fedml_pfedmoap.privacy import PUBLIC_UPLOAD_METRICS, DPConfig, gaussian_sigma
 

@@ -11,10 +11,11 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import FeatureSet
-from fedml_pfedmoap.federated.simulator import ClientData, Simulator, sample_clients
+from fedml_pfedmoap.federated.schedule import sample_clients
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 from fedml_pfedmoap.privacy import accounting_metrics, epsilon_pld, epsilon_zcdp
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import FeatureSet
 

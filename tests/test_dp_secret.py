@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime, derive_seed, make_generator
+from fedml_pfedmoap.algorithms.protocol import Runtime
+from fedml_pfedmoap.seeding import derive_seed, make_generator
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import FeatureSet
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import Batch, FeatureSet
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator

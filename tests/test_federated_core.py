@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedml_pfedmoap.algorithms.base import Algorithm, EvalResult, fedavg
+from fedml_pfedmoap.algorithms.promptfl import fedavg
+from fedml_pfedmoap.algorithms.protocol import Algorithm, EvalResult
 from fedml_pfedmoap.data.transforms import test_transform as eval_transform
 from fedml_pfedmoap.federated.features import FeatureCache, FeatureSet
 from fedml_pfedmoap.federated.metrics import client_summary, run_summary
-from fedml_pfedmoap.federated.simulator import ClientData, Simulator, payload_bytes, sample_clients
+from fedml_pfedmoap.federated.schedule import payload_bytes, sample_clients
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 
 
 def test_fedavg_weights_by_sample_count():

@@ -93,7 +93,7 @@ def test_adapters_match_simulator_with_clients_moving_between_workers(tmp_path):
     """Server + 3 trainer objects driven like FedML would (worker k serves a rotating client): metrics and final states
     equal the in-process simulator's; the gate persisted by one worker is continued by another."""
     from fedml_pfedmoap.experiment import Resources, build_experiment
-    from fedml_pfedmoap.federated.simulator import sample_clients
+    from fedml_pfedmoap.federated.schedule import sample_clients
     from fedml_pfedmoap.fedml_plugin.cross_silo import (PersonalizedClientTrainer, PersonalizedServerAggregator,
                                                         ProtocolError)
     from fedml_pfedmoap.fedml_plugin.metrics_log import RoundLogger

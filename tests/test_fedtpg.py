@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.algorithms.fedtpg import PromptGenerator
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import FeatureSet
-from fedml_pfedmoap.federated.simulator import ClientData, Simulator, payload_bytes
+from fedml_pfedmoap.federated.schedule import payload_bytes
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 
 NAMES = ["cat", "dog", "sea_turtle"]
 

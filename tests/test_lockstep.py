@@ -11,7 +11,7 @@ import torch
 
 from benchmark_suite import perf_naive as nv
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 from tree_compare import deep_equal

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from benchmark_suite import perf_naive as nv
 from fedml_pfedmoap.algorithms import get_algorithm, list_algorithms
-from fedml_pfedmoap.algorithms.base import Runtime
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 

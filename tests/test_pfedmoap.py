@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from fedml_pfedmoap.algorithms import get_algorithm
-from fedml_pfedmoap.algorithms.base import CoOpModel, Runtime
+from fedml_pfedmoap.algorithms.coop import CoOpModel
+from fedml_pfedmoap.algorithms.protocol import Runtime
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.federated.features import Batch, FeatureSet
-from fedml_pfedmoap.federated.simulator import ClientData, Simulator, payload_bytes
+from fedml_pfedmoap.federated.schedule import payload_bytes
+from fedml_pfedmoap.federated.simulator import ClientData, Simulator
 from test_gating import reference_attention
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

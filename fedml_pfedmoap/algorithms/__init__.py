@@ -1,16 +1,11 @@
-"""Algorithm registry: one module per method, registered by name on import."""
-import importlib
+"""Algorithm registry: one module per method, registered by name on import (docs/architecture.md §Adding an algorithm).
 
-from .base import ALGORITHMS, Algorithm, PromptAlgorithm, Runtime, register_algorithm
-
-_MODULES = ["zeroshot", "local", "promptfl", "fedprox", "pfedmoap", "fedotp", "fedpgp", "promptfolio", "fedtpg", "fedpha",
-            "dpfpl"]
-for _m in _MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_m}")
-    except ModuleNotFoundError as _err:  # modules still being written are simply absent
-        if _err.name != f"{__name__}.{_m}":
-            raise
+The protocol engines call is ``protocol.Algorithm``; ``register_algorithm("x")`` registers a class as ``x``.
+"""
+from . import (dpfpl, fedotp, fedpgp, fedpha, fedprox, fedtpg, local, pfedmoap,  # noqa: F401  (registration)
+               promptfl, promptfolio, zeroshot)
+from .promptfl import PromptAlgorithm
+from .protocol import ALGORITHMS, Algorithm, Runtime, register_algorithm
 
 
 def list_algorithms() -> list[str]:

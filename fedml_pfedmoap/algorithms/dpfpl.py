@@ -30,8 +30,11 @@ from torch import nn
 from ..federated.features import Batch, FeatureSet
 from ..privacy import client_secret, clip_grad_, gaussian_noise
 from ..privacy.mechanism import LOCAL_METRICS, RELEASES
-from .base import CoOpModel, PromptParams, Runtime, fedavg, make_generator, normal_prompt, register_algorithm
-from .promptfolio import PersonalParams, PersonalPromptAlgorithm
+from ..seeding import make_generator, normal_prompt
+from .coop import CoOpModel
+from .personal import PersonalParams, PersonalPromptAlgorithm
+from .promptfl import fedavg
+from .protocol import PromptParams, Runtime, register_algorithm
 
 SYNC_MODES = ("round", "per_batch")
 # DP-FPL's defaults for the shared `dp:` entry (the authors' δ and norm threshold); keys it does not use are rejected
@@ -154,7 +157,6 @@ class DPFPL(PersonalPromptAlgorithm):
     0.001 with momentum 0.9 and weight decay 5e-4, ``dp`` {epsilon, delta: 1e-5, clip_grad: 10} (off by default).
     """
 
-    name = "dpfpl"
     Params = DPFPLParams
     model_cls = DPFPLModel
     local_keys = ("local_ctx",)

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from ..federated.features import Batch
 from ..ot import METHODS, NONFINITE_MODES, transport_similarity
-from .base import Runtime, normal_prompt, register_algorithm
-from .promptfolio import DualPromptModel, PersonalParams, PersonalPromptAlgorithm
+from ..seeding import normal_prompt
+from .personal import DualPromptModel, PersonalParams, PersonalPromptAlgorithm
+from .protocol import Runtime, register_algorithm
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ class FedOTP(PersonalPromptAlgorithm):
     max_iter 100, SGD lr 0.001 with momentum 0.9 and weight decay 5e-4.
     """
 
-    name = "fedotp"
     Params = FedOTPParams
     model_cls = FedOTPModel
     local_keys = ("local_ctx",)

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..federated.features import Batch
-from .base import CoOpModel, PromptParams, Runtime, normal_prompt, register_algorithm
-from .promptfolio import PersonalParams, PersonalPromptAlgorithm
+from ..seeding import normal_prompt
+from .coop import CoOpModel
+from .personal import PersonalParams, PersonalPromptAlgorithm
+from .protocol import PromptParams, Runtime, register_algorithm
 
 
 @dataclass
@@ -91,7 +93,6 @@ class FedPGP(PersonalPromptAlgorithm):
     and weight decay 5e-4.
     """
 
-    name = "fedpgp"
     Params = FedPGPParams
     model_cls = FedPGPModel
     local_keys = ("U", "V")

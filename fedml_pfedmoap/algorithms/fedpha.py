@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..federated.features import Batch
-from .base import CoOpModel, PromptParams, Runtime, normal_prompt, register_algorithm
-from .promptfolio import PersonalParams, PersonalPromptAlgorithm
+from ..seeding import normal_prompt
+from .coop import CoOpModel
+from .personal import PersonalParams, PersonalPromptAlgorithm
+from .protocol import PromptParams, Runtime, register_algorithm
 from .text_paths import EncoderCache
 
 
@@ -126,7 +128,6 @@ class FedPHA(PersonalPromptAlgorithm):
     weight decay 5e-4, one local epoch, α 1.0, ratio 0.8. Per-dataset defaults: ``defaults_for``.
     """
 
-    name = "fedpha"
     Params = FedPHAParams
     model_cls = FedPHAModel
     local_keys = ("local_ctx",)

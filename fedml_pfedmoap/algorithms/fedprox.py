@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .base import PromptAlgorithm, PromptParams, register_algorithm
+from .promptfl import PromptAlgorithm
+from .protocol import PromptParams, register_algorithm
 
 
 @dataclass
@@ -24,7 +25,6 @@ class FedProxParams(PromptParams):
 class FedProx(PromptAlgorithm):
     """PromptFL whose clients minimize CE + (μ/2)·‖ctx − ctx_global‖² (μ = 0.5); the server is plain FedAvg."""
 
-    name = "fedprox"
     Params = FedProxParams
 
     def build_model(self, payload: Dict[str, Any], state: Dict[str, Any], train: bool) -> nn.Module:

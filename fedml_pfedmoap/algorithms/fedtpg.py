@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, fedavg, make_generator, normal_prompt, \
-    register_algorithm
+from ..seeding import make_generator, normal_prompt
+from .coop import CoOpModel
+from .promptfl import PromptAlgorithm, fedavg
+from .protocol import PromptParams, Runtime, register_algorithm
 from .text_paths import EncoderCache
 
 SCHEDULES = ("cosine", "constant")
@@ -127,7 +129,6 @@ class FedTPG(PromptAlgorithm):
     weight decay 1e-5, n_ctx 4, 4 heads.
     """
 
-    name = "fedtpg"
     Params = FedTPGParams
     model_cls = FedTPGModel
 

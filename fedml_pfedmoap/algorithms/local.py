@@ -5,14 +5,14 @@ from typing import Any, Dict
 
 from torch import nn
 
-from .base import PromptAlgorithm, register_algorithm
+from .promptfl import PromptAlgorithm
+from .protocol import register_algorithm
 
 
 @register_algorithm("local")
 class LocalCoOp(PromptAlgorithm):
     """Each participant continues its own ``ctx_i`` (shared N(0, 0.02²) init at its first round); no communication."""
 
-    name = "local"
     uploads_prompt = False
 
     def client_payload(self, client_id: int) -> Dict[str, Any]:

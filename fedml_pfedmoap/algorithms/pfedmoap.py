@@ -28,7 +28,10 @@ from torch import nn
 from ..config import ConfigError
 from ..federated.features import Batch
 from ..gating import build_gate, moe_logits, resolve_d_gating
-from .base import CoOpModel, PromptAlgorithm, PromptParams, Runtime, fedavg, make_generator, register_algorithm
+from ..seeding import make_generator
+from .coop import CoOpModel
+from .promptfl import PromptAlgorithm, fedavg
+from .protocol import PromptParams, Runtime, register_algorithm
 
 CACHE_TAG = "pfedmoap-expert"
 SELECTIONS = {"knn": "knn", "random": "random", "legacy_fixed_permutation": "random"}
@@ -109,7 +112,6 @@ class MoAPModel(CoOpModel):
 class PFedMoAP(PromptAlgorithm):
     """pFedMoAP (see the module docstring). Gate state lives in the client state under ``gate`` (plain tensors)."""
 
-    name = "pfedmoap"
     Params = PFedMoAPParams
     model_cls = MoAPModel
 
@@ -283,8 +285,6 @@ class PFedMoAP(PromptAlgorithm):
 @register_algorithm("pfedmoap_lambda0")
 class PFedMoAPLambda0(PFedMoAP):
     """Ablation λ = 0 (paper Fig. 4): logits are the MoE term only (with experts)."""
-
-    name = "pfedmoap_lambda0"
 
     @classmethod
     def parse_params(cls, params: Dict[str, Any]):

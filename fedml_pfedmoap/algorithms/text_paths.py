@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clip.prompt import TextEncoder
-from .base import Runtime
+from .protocol import Runtime
 
 
 class MaxLengthEOTEncoder(TextEncoder):

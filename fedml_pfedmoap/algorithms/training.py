@@ -11,22 +11,34 @@ drop out of the group when their stream ends.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ..federated.features import Batch, FeatureSet
-from ..privacy import clip_grad_
+from ..privacy import GaussianUploadMechanism, clip_grad_
+from ..seeding import make_generator
+from .protocol import Runtime
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import PromptAlgorithm
+
+class LocalTrainer(Protocol):
+    """What local SGD needs from a prompt algorithm (``promptfl.PromptAlgorithm`` provides it)."""
+
+    name: str
+    rt: Runtime
+    hp: Any
+
+    @property
+    def dp_mechanism(self) -> Optional[GaussianUploadMechanism]: ...
+
+    def extra_loss(self, model: nn.Module, payload: Dict[str, Any]) -> Optional[torch.Tensor]: ...
+
+    def before_step(self, model: nn.Module) -> None: ...
 
 
-def batch_stream(algo: "PromptAlgorithm", payload: Dict[str, Any], data: FeatureSet) -> Iterator[Batch]:
+def batch_stream(algo: LocalTrainer, payload: Dict[str, Any], data: FeatureSet) -> Iterator[Batch]:
     """E epochs of shuffled mini-batches from the private generator of (train seed, client, round)."""
-    from .base import make_generator
-
     gen = make_generator(algo.rt.seed, "batches", payload["client_index"], payload["round"])
     epochs = algo.hp.epochs if algo.hp.epochs is not None else algo.rt.local_epochs
     for _ in range(epochs):
@@ -43,7 +55,7 @@ def make_optimizer(model: nn.Module, hp: Any) -> torch.optim.Optimizer:
     return opt
 
 
-def fit_clients(algo: "PromptAlgorithm", models: Sequence[nn.Module], payloads: Sequence[Dict[str, Any]],
+def fit_clients(algo: LocalTrainer, models: Sequence[nn.Module], payloads: Sequence[Dict[str, Any]],
                 datas: Sequence[FeatureSet]) -> List[float]:
     """SGD (momentum, weight decay; fresh optimizer per client and round) for every model in lockstep; returns each
     client's mean training loss. One text-tower call per step for all clients that still have a batch."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..federated.features import FeatureSet
-from .base import Algorithm, EvalResult, register_algorithm
+from .protocol import Algorithm, EvalResult, register_algorithm
 
 
 @dataclass
@@ -20,7 +20,6 @@ class ZeroShotParams:
 class ZeroShotCLIP(Algorithm):
     """No training, no communication: logits = s·cos(Î, T̂(template)) over all C classes."""
 
-    name = "zeroshot"
     Params = ZeroShotParams
     trains = False
 

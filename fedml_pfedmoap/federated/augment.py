@@ -10,24 +10,19 @@ cached feature matrix:
   the view index and its seed in the cache key) and draws one view per item per batch from the batch generator.
 
 Both keep the clean (test-transform) features in ``feats``, so ``chunks``/``feats`` users still work; only
-``batches`` (what local training iterates) sees augmented features.
+``batches`` (what local training iterates) sees augmented features. The experiment (``experiment.Resources``)
+composes them and owns their memo keys; this module takes explicit inputs only.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..clip.backbone import ClipBackbone
 from ..data.base import ImageDataset, SplitData
-from ..data.transforms import parse_augment, test_transform, train_transform
 from .features import Batch, FeatureCache, FeatureSet
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import Config
-    from ..experiment import Resources
 
 
 def _order(n: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list:
@@ -157,26 +152,3 @@ def bank_views(cache: FeatureCache, backbone: ClipBackbone, ds: ImageDataset, tr
             toks.append(fs.patches)
     return torch.stack(feats), (torch.stack(toks) if patches else None)
 
-
-def augmented_train_features(res: "Resources", cfg: "Config", backbone: ClipBackbone, ds: ImageDataset,
-                             patches: bool, device: torch.device) -> FeatureSet:
-    """The train-split FeatureSet for ``train_augment`` online / bank:M (experiment.Resources.split_features)."""
-    kind, m = parse_augment(cfg.data_args.train_augment)
-    size, mean, std = backbone.image_size, backbone.image_mean, backbone.image_std
-    aug, desc = train_transform(cfg.data_args.train_augment, size, mean, std)
-    cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
-    clean_fn, clean_desc = test_transform(size, mean, std)
-    clean_key = (backbone.identity, ds.fingerprint(), "train", clean_desc, patches and kind == "bank")
-    if clean_key not in res.features:
-        res.features[clean_key] = cache.load_or_encode(backbone, ds.fingerprint(), "train", ds.train, clean_fn,
-                                                       clean_desc, patches=clean_key[-1], device=device).to(device)
-    clean = res.features[clean_key]
-    if kind == "online":
-        return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device,
-                                num_workers=cfg.data_args.num_workers)
-    key = (backbone.identity, ds.fingerprint(), "train", desc, patches)
-    if key not in res.features:
-        views, view_patches = bank_views(cache, backbone, ds, aug, desc, m, patches, device,
-                                         seed=cfg.common_args.data_seed)
-        res.features[key] = BankFeatureSet(clean, views, view_patches).to(device)
-    return res.features[key]

@@ -1,9 +1,10 @@
-"""The in-process federated loop every algorithm runs through (docs/fedml.md §Stack notes).
+"""The in-process federated loop every algorithm runs through (docs/architecture.md §Engines).
 
 One frozen backbone is shared; per-client state dicts are kept by client index across rounds; every round the server
 half of the algorithm produces a payload per selected client (payloads may differ), the client half trains and
 uploads, the server aggregates, and every client is evaluated on its own test split. The loop never looks at the
-algorithm's name.
+algorithm's name. Who takes part, which rounds are evaluated and the round's upload summary come from the shared
+``schedule.RoundSchedule`` (the FedML cross-silo engine uses the same one).
 """
 from __future__ import annotations
 
@@ -16,45 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..algorithms.base import Algorithm, derive_seed
-from ..privacy import round_upload_metrics, run_accounting
+from ..algorithms.protocol import Algorithm
+from ..privacy import run_accounting
 from .features import FeatureSet
 from .metrics import client_summary, run_summary
+from .schedule import RoundSchedule, upload_summary
 
 logger = logging.getLogger(__name__)
-
-
-def payload_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a payload (as sent, in their own dtype); plain scalars and ids are not counted."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(payload_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(payload_bytes(v) for v in obj)
-    return 0
-
-
-def _upload_metrics(uploads: Sequence[Dict[str, Any]]) -> Dict[str, List[float]]:
-    """Numeric per-client metrics reported in uploads (besides ``train_loss``), gathered by name."""
-    out: Dict[str, List[float]] = {}
-    for u in uploads:
-        for k, v in (u.get("metrics") or {}).items():
-            if k != "train_loss" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.setdefault(k, []).append(float(v))
-    return out
-
-
-def sample_clients(num_clients: int, frac: float, seed: int, round_idx: int) -> List[int]:
-    """The round's participants: ``max(1, round(frac·N))`` clients, from a private RNG of (train seed, round).
-
-    The same seed gives the same schedule for every method.
-    """
-    m = max(1, int(round(frac * num_clients)))
-    if m >= num_clients:
-        return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, "client-sampling", round_idx))
-    return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 
 
 @dataclass
@@ -92,9 +61,8 @@ class Simulator:
         self.algo = algorithm
         self.clients = list(clients)
         self.rounds = int(rounds)
-        self.frac = float(frac)
         self.seed = int(seed)
-        self.eval_every = max(1, int(eval_every))
+        self.schedule = RoundSchedule(len(self.clients), self.rounds, float(frac), self.seed, eval_every)
         self.on_round = on_round
         self.progress = progress
         self.states: Dict[int, Dict[str, Any]] = {}
@@ -113,8 +81,7 @@ class Simulator:
 
     def run_round(self, t: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
-        sampled = sample_clients(self.num_clients, self.frac, self.seed, t)
-        selected = self.algo.participants(t, sampled, self.num_clients)
+        selected = self.schedule.participants(t, self.algo)
         self.algo.begin_round(t, selected)
         if self.algo.sequential:  # e.g. pFedMoAP's live pool (D2 parity): download i sees uploads 0..i-1
             payloads, uploads = [], []
@@ -126,27 +93,18 @@ class Simulator:
             payloads = [self.algo.client_payload(cid) for cid in selected]
             uploads = self.algo.local_train_many(payloads, [self.state(cid) for cid in selected],
                                                  [self.clients[cid].train for cid in selected])
-        down = sum(payload_bytes(p) for p in payloads)
-        train_loss = [u["metrics"].get("train_loss", float("nan")) for u in uploads if "metrics" in u]
-        up_bytes = sum(payload_bytes({k: v for k, v in u.items() if k != "metrics"}) for u in uploads)
+        delivered = set(self.schedule.delivered(t, selected))
+        uploads = [u for u in uploads if int(u["client_index"]) in delivered]
+        summary = upload_summary(payloads, uploads, len(selected), self.result.rounds)
         self.algo.aggregate(uploads)
-        t_train = time.perf_counter() - t0
-        metrics: Dict[str, Any] = {
-            "round": t, "participants": len(selected),
-            "bytes_down": down / len(selected), "bytes_up": up_bytes / len(selected),
-            "train_loss": float(np.mean(train_loss)) if train_loss else float("nan"),
-            "time_train_s": t_train,
-        }
-        # e.g. dp_sigma, update_norm: mean over participants; the busiest client's private releases so far
-        for key, val in round_upload_metrics(_upload_metrics(uploads), self.result.rounds).items():
-            metrics.setdefault(key, val)
-        if (t + 1) % self.eval_every == 0 or t == self.rounds - 1:
+        # a round without reported training losses (zero-shot, DP) keeps the column as NaN in the simulator's tables
+        metrics: Dict[str, Any] = {"round": t, **summary, "train_loss": summary.get("train_loss", float("nan")),
+                                   "time_train_s": time.perf_counter() - t0}
+        if self.schedule.evaluates(t):
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []
             payloads = {cid: self.algo.eval_payload(cid) for cid in range(self.num_clients)}
-            before_eval = getattr(self.algo, "before_eval", None)  # opt-in batching hook (Runtime.batch_eval_text)
-            if before_eval is not None:
-                before_eval(payloads, {cid: self.state(cid) for cid in payloads})
+            self.algo.before_eval(payloads, {cid: self.state(cid) for cid in payloads})  # batching hook (opt-in)
             for cid in range(self.num_clients):
                 res = self.algo.evaluate(payloads[cid], self.state(cid), self.clients[cid].test)
                 accs.append(res.acc)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from ..config import SECTIONS, Config, ConfigError, from_dict, read_raw
+from ..config import SECTIONS, Config, ConfigError, check_participation, from_dict, read_raw
 from ..ranges import INT_POS
 
 logger = logging.getLogger(__name__)
@@ -184,8 +184,7 @@ def validate(pc: PluginConfig) -> None:
     if cfg.tracking_args.enable_tracking or cfg.tracking_args.enable_wandb or pc.fedml_keys.get("using_mlops"):
         raise ConfigError("tracking_args.enable_tracking / enable_wandb / using_mlops must be false: they need a "
                           "TensorOpera/wandb account and network; metrics go to MLflow (tracking_args.mlflow_*)")
-    if not 1 <= t.client_num_per_round <= t.client_num_in_total:
-        raise ConfigError("train_args.client_num_per_round must be in [1, client_num_in_total]")
+    check_participation(cfg)
     if c.training_type == "simulation":
         if cfg.comm_args.backend not in ("sp",):
             raise ConfigError(f"comm_args.backend: simulation runs the in-process loop; expected 'sp', got "

@@ -14,7 +14,8 @@ Protocol (one FedML round r = 0..T; FedML runs ``comm_round = T + 1``):
   round r-1 computed inside ``train()`` before local training (FedML's ``test_on_clients`` would lag a round). With
   ``dp.report_eval: false`` the server asks for no evaluation (the results of private models stay with the clients;
   docs/privacy.md).
-* participants are the suite's ``sample_clients(N, K/N, seed, r)``, the simulator's schedule: FedML's own
+* participants, evaluation rounds and the round's upload summary come from ``federated.schedule.RoundSchedule``,
+  the simulator's schedule (``sample_clients(N, K/N, seed, r)``; docs/architecture.md §Round schedule): FedML's own
   ``data_silo_selection`` (seeded with the round index before it is incremented, so round 0's sample repeats) is
   replaced in the server process for this aggregator.
 * per-client state is loaded from and saved to a ``ClientStateStore`` by client index, so any worker may serve any
@@ -36,11 +37,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from fedml.core import ClientTrainer, ServerAggregator
 
-from ..algorithms.base import Algorithm
+from ..algorithms.protocol import Algorithm
 from ..checkpoint import digest
 from ..federated.metrics import client_summary
-from ..federated.simulator import ClientData, payload_bytes, sample_clients
-from ..privacy import reports_evaluation, round_upload_metrics, run_accounting
+from ..federated.schedule import RoundSchedule, upload_summary
+from ..federated.simulator import ClientData
+from ..privacy import reports_evaluation, run_accounting
 from .metrics_log import RoundLogger
 from .state import ClientStateStore
 from .watchdog import PeerUnreachable, RoundWatchdog
@@ -67,8 +69,7 @@ class PersonalizedServerAggregator(ServerAggregator):
                  watchdog: Optional[RoundWatchdog] = None, run_tag: Optional[str] = None) -> None:
         super().__init__(model, args)
         self.algo, self.n, self.rounds, self.seed = algo, int(num_clients), int(rounds), int(seed)
-        self.frac = per_round / num_clients
-        self.eval_every = max(1, int(eval_every))
+        self.schedule = RoundSchedule(self.n, self.rounds, per_round / num_clients, self.seed, eval_every)
         self.log, self.watchdog = round_logger, watchdog
         self.workers = list(range(1, int(per_round) + 1))
         self.run_tag = run_tag or f"{getattr(args, 'run_id', '0')}-{uuid.uuid4().hex[:12]}"
@@ -76,16 +77,17 @@ class PersonalizedServerAggregator(ServerAggregator):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text("")
         self.round = 0  # the FedML round whose uploads are awaited
-        self.selection: List[int] = sample_clients(self.n, self.frac, self.seed, 0)
+        self.selection: List[int] = self.schedule.participants(0, algo)
         if algo.sequential:
             raise ValueError(f"algorithm_args.{algo.name}.pool_snapshot: 'live' needs the in-process simulator (each "
                              "download depends on earlier uploads of the same round); expected round_start")
-        if len(algo.participants(0, self.selection, self.n)) != len(self.selection):
+        if len(self.selection) != len(self.schedule.sampled(0)):
             raise ValueError(f"algorithm_args.{algo.name}.round0_all_clients: supported by the simulator engine only "
                              f"(cross-silo runs client_num_per_round = {per_round} workers per round); expected false")
         self.pending: Dict[int, Dict[str, Any]] = {}  # training round -> metrics awaiting its evaluation
         self.private_rounds: List[Dict[str, Any]] = []  # rounds with private uploads (their DP accounting)
         self.sent: Dict[int, Dict[int, Optional[str]]] = {}  # round -> client -> train-payload digest
+        self.train_payloads: List[Any] = []  # the awaited round's train downloads (its bytes_down)
         self.t0 = time.perf_counter()
         self.finished = False
 
@@ -118,12 +120,14 @@ class PersonalizedServerAggregator(ServerAggregator):
             self._wait("waiting for the workers' finished status")
             return {i: {"client_index": i, "round": r + 1, "run_tag": self.run_tag, "done": True, "selected": False,
                         "train": None, "eval": None, "eval_round": None} for i in range(self.n)}
-        train_ups = sorted((u["upload"] for u in uploads), key=lambda u: int(u["client_index"]))
+        delivered = set(self.schedule.delivered(r, self.selection))
+        train_ups = sorted((u["upload"] for u in uploads if int(u["client_index"]) in delivered),
+                           key=lambda u: int(u["client_index"]))
         self.pending[r] = self._train_metrics(r, train_ups, {int(u["client_index"]): u.get("rank") for u in uploads})
         self.algo.aggregate(train_ups)
-        nxt = sample_clients(self.n, self.frac, self.seed, r + 1)  # participants of FedML round r+1
+        nxt = self.schedule.participants(r + 1, self.algo)  # participants of FedML round r+1
         # dp.report_eval off: clients keep the evaluation of their private models (docs/privacy.md), none is asked
-        is_eval = reports_evaluation(self.algo.hp) and ((r + 1) % self.eval_every == 0 or r == self.rounds - 1)
+        is_eval = reports_evaluation(self.algo.hp) and self.schedule.evaluates(r)
         eval_payloads = {i: self.algo.eval_payload(i) for i in nxt} if is_eval else {}
         if not is_eval:
             self._finish_round(r, [])
@@ -143,7 +147,7 @@ class PersonalizedServerAggregator(ServerAggregator):
                       "train": train, "eval": evals.get(i), "eval_round": r - 1 if i in evals else None}
             if chosen:
                 self.sent[r][i] = _content_digest(train)
-        self.bytes_down = float(np.mean([payload_bytes(out[i]["train"]) for i in selected])) if r < self.rounds else 0.0
+        self.train_payloads = [out[i]["train"] for i in selected] if r < self.rounds else []
         self._wait(f"round {r}: waiting for uploads")
         return out
 
@@ -162,15 +166,8 @@ class PersonalizedServerAggregator(ServerAggregator):
         return uploads
 
     def _train_metrics(self, r: int, train_ups: List[Dict[str, Any]], ranks: Dict[int, Any]) -> Dict[str, Any]:
-        m: Dict[str, Any] = {"round": r, "participants": len(train_ups), "bytes_down": self.bytes_down,
-                             "bytes_up": float(np.mean([payload_bytes({k: v for k, v in u.items() if k != "metrics"})
-                                                        for u in train_ups]))}
-        per_key: Dict[str, List[float]] = {}
-        for u in train_ups:
-            for k, v in (u.get("metrics") or {}).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    per_key.setdefault(k, []).append(float(v))
-        m.update(round_upload_metrics(per_key, self.private_rounds))
+        m: Dict[str, Any] = {"round": r, **upload_summary(self.train_payloads, train_ups, len(self.selection),
+                                                           self.private_rounds)}
         if "dp_busiest_releases" in m:
             self.private_rounds.append(m)
         m["clients"] = {i: {"digest": self.sent.get(r, {}).get(i), "rank": ranks.get(i)}
