@@ -1,9 +1,15 @@
 """Helpers for the benchmark-harness tests: tiny grid YAMLs in a temp dir and in-process CLI calls."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
-import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -45,6 +51,38 @@ def cli(*argv: str) -> Tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(argv))
     return rc, out.getvalue(), err.getvalue()
+
+
+def start_stalled_run(grid: Path, stall: str) -> "subprocess.Popen[str]":
+    """``pfedmoap-bench run --config grid`` in its own process group, told to stall after ``stall``'s checkpoint
+    (``algorithm@round``, the runner's ``PFEDMOAP_FAULT_STALL`` hook); returns once it prints ``FAULT-STALL``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFEDMOAP_FAULT_STALL": stall}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmark_suite.cli", "run", "--config", str(grid),
+                             "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_marker(proc, "FAULT-STALL", timeout=300)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+    return proc
+
+
+def wait_for_marker(proc: "subprocess.Popen[str]", marker: str, timeout: float) -> str:
+    """The first stderr line of ``proc`` containing ``marker``; fails with the stderr tail after ``timeout`` s."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if marker in line:
+                return line
+    raise AssertionError(f"no {marker!r} within {timeout} s; stderr tail: {''.join(seen[-20:])}")
 
 
 def child_runs(uri: str, experiment: str) -> Tuple[List[Any], List[Any]]:

@@ -103,6 +103,21 @@ class Procs:
                 p.wait(timeout=10)
 
 
+def run_grpc_job(tmp: Path, cfg: Path, ranks: int, timeout: float = 500) -> Dict[str, Optional[int]]:
+    """Start ranks 0..ranks-1 of a gRPC cross-silo job at once (workers wait for the server's port themselves),
+    wait for all of them, kill whatever is left; returns each rank's exit status (None: still running at the end)."""
+    procs = Procs(tmp)
+    try:
+        for rank in range(ranks):
+            procs.start(f"rank{rank}", [PY, "-m", "fedml_pfedmoap", "--cf", str(cfg), "--rank", str(rank),
+                                        "--role", "server" if rank == 0 else "client"])
+        rc = procs.wait_all(timeout)
+    finally:
+        procs.close()
+    assert rc == {f"rank{r}": 0 for r in range(ranks)}, {k: procs.log(k)[-2000:] for k in rc}
+    return rc
+
+
 def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

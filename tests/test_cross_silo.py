@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedml_helpers import (MPIEXEC, PY, Procs, child_env, free_ports, grpc_csv, mlflow_metric, peer_gone_lines,
-                           write_config)
+                           run_grpc_job, write_config)
 from tree_compare import deep_equal
 
 from fedml_pfedmoap.fedml_plugin.config import load_plugin_config
@@ -72,15 +72,7 @@ def test_grpc_cross_silo_pfedmoap(tmp_path):
         "train_args": {"comm_round": 2, "client_num_in_total": 3, "client_num_per_round": 3},
         "comm_args": {"grpc_ipconfig_path": str(csv), "round_timeout_s": 120, "startup_timeout_s": 400,
                       "state_dir": str(tmp_path / "state")}})
-    procs = Procs(tmp_path)
-    try:
-        for rank in range(4):  # all at once: workers wait for the server's port themselves
-            procs.start(f"rank{rank}", [PY, "-m", "fedml_pfedmoap", "--cf", str(cfg), "--rank", str(rank),
-                                        "--role", "server" if rank == 0 else "client"])
-        rc = procs.wait_all(500)
-    finally:
-        procs.close()
-    assert rc == {f"rank{r}": 0 for r in range(4)}, {k: procs.log(k)[-2000:] for k in rc}
+    run_grpc_job(tmp_path, cfg, 4)
     rows = check_job(tmp_path, 4, 2)
     assert {int(i): c["rank"] for i, c in rows[-1]["clients"].items()} == {0: 1, 1: 2, 2: 3}
 

@@ -199,7 +199,7 @@ def test_simulator_runs_and_reports_the_run_level_epsilon(rt, sync):
 def test_grpc_cross_silo_equals_the_simulator(tmp_path):
     """1 server + 2 workers over gRPC, default sync, clipping on and ε = inf (deterministic): per-round metrics and
     the persisted client states equal the in-process simulator's."""
-    from fedml_helpers import PY, Procs, free_ports, grpc_csv, mlflow_metric, write_config
+    from fedml_helpers import free_ports, grpc_csv, mlflow_metric, run_grpc_job, write_config
     from test_cross_silo import reference
     from tree_compare import deep_equal
 
@@ -213,15 +213,7 @@ def test_grpc_cross_silo_equals_the_simulator(tmp_path):
         "dpfpl_args": {"rank": 4, "dp": {"epsilon": "inf", "clip_grad": 0.5}},
         "comm_args": {"grpc_ipconfig_path": str(csv), "round_timeout_s": 120, "startup_timeout_s": 400,
                       "state_dir": str(tmp_path / "state")}})
-    procs = Procs(tmp_path)
-    try:
-        for rank in range(3):
-            procs.start(f"rank{rank}", [PY, "-m", "fedml_pfedmoap", "--cf", str(cfg), "--rank", str(rank),
-                                        "--role", "server" if rank == 0 else "client"])
-        rc = procs.wait_all(500)
-    finally:
-        procs.close()
-    assert rc == {f"rank{r}": 0 for r in range(3)}, {k: procs.log(k)[-2000:] for k in rc}
+    run_grpc_job(tmp_path, cfg, 3)
     ref, ref_states = reference(cfg)
     rows = [json.loads(x) for x in next((tmp_path / "out").glob("*/cross_silo_rounds.jsonl")).read_text().splitlines()]
     acc = mlflow_metric(tmp_path, "acc_mean")

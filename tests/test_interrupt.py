@@ -2,13 +2,10 @@
 resume (no traceback) and exits non-zero; the same command then resumes the interrupted cell in its own run."""
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from bench_helpers import ROOT, child_runs, cli, history, write_grid
-from test_resume import _wait_for
+from bench_helpers import child_runs, cli, history, start_stalled_run, write_grid
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +20,8 @@ def test_ctrl_c_kills_runs_prints_one_line_and_resumes(tmp_path, cache, monkeypa
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     grid = write_grid(tmp_path, cache, train_args={"comm_round": 3})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFEDMOAP_FAULT_STALL": "promptfl@0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmark_suite.cli", "run", "--config", str(grid),
-                             "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = start_stalled_run(grid, "promptfl@0")  # promptfl: round 0 checkpointed, the process stalls after it
     try:
-        _wait_for(proc, "FAULT-STALL", timeout=300)  # promptfl: round 0 checkpointed, the process stalls after it
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         rest = proc.stderr.read()
         rc = proc.wait(timeout=60)

@@ -7,7 +7,6 @@ test_pfedmoap). Tolerance 1e-5: only the blocking of the batched matmuls differs
 import copy
 
 import pytest
-import torch
 
 from benchmark_suite import perf_naive as nv
 from fedml_pfedmoap.algorithms import get_algorithm

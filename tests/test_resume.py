@@ -2,17 +2,13 @@
 uninterrupted run and does not rerun finished cells; corrupt or truncated checkpoints are detected."""
 import logging
 import os
-import select
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from bench_helpers import ROOT, child_runs, cli, history, write_grid
+from bench_helpers import child_runs, cli, history, start_stalled_run, write_grid
 
 DETERMINISTIC = ("acc_mean", "acc_weighted", "acc_std", "acc_bottom10", "train_loss", "test_loss", "bytes_up",
                  "bytes_down")
@@ -158,20 +154,6 @@ def test_runner_resumes_from_previous_when_latest_is_corrupt(tmp_path, cache, mo
     assert len(a) == 5 and [[r.split(",")[i] for i in keep] for r in a] == [[r.split(",")[i] for i in keep] for r in b]
 
 
-def _wait_for(proc, marker, timeout):
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-        if ready:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            if marker in line:
-                return line
-    raise AssertionError(f"no {marker!r} within {timeout} s; stderr tail: {''.join(seen[-20:])}")
-
-
 def test_sigkill_mid_cell_then_resume_equals_uninterrupted(tmp_path, cache, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
@@ -181,17 +163,10 @@ def test_sigkill_mid_cell_then_resume_equals_uninterrupted(tmp_path, cache, monk
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
     grid = write_grid(tmp_path / "a", cache, train_args={"comm_round": 4})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PFEDMOAP_FAULT_STALL": "promptfl@1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmark_suite.cli", "run", "--config", str(grid),
-                             "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _wait_for(proc, "FAULT-STALL", timeout=300)  # promptfl: round 1 checkpointed, not yet logged
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stderr.close()
+    proc = start_stalled_run(grid, "promptfl@1")  # promptfl: round 1 checkpointed, not yet logged
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
     uri = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     parents, children = child_runs(uri, "tiny")

@@ -173,7 +173,7 @@ def validate(pc: PluginConfig) -> None:
     from ..algorithms import get_algorithm
 
     cfg = pc.cfg
-    c, t, d = cfg.common_args, cfg.train_args, cfg.device_args
+    c, t = cfg.common_args, cfg.train_args
     try:
         get_algorithm(t.federated_optimizer).parse_params(cfg.algo_params(t.federated_optimizer))
     except KeyError as err:
