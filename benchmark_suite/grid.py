@@ -62,6 +62,7 @@ RESULT_KEYS = frozenset({
     "model_args.truncate_text", "model_args.precision",
     "train_args.client_num_in_total", "train_args.client_num_per_round", "train_args.comm_round",
     "train_args.epochs", "train_args.batch_size", "train_args.eval_every",
+    "train_args.client_dropout", "data_args.val_fraction",
 })  # plus the cell's algorithm and its own algorithm_args
 # dataset_options entries that only say where files are (or check them): left out of the identity
 RUN_DATASET_OPTIONS = frozenset({"image_root", "pickle_dir", "verify_md5"})

@@ -44,6 +44,7 @@ class DataArgs:
     train_augment: str = "none"  # none | online | bank:M
     num_workers: int = 0  # online augmentation: DataLoader workers decoding/augmenting the next batches
     cifar_transform: str = "clip"  # clip | legacy (D11 parity: CIFAR mean/std, then resize; CIFAR only)
+    val_fraction: float = 0.0  # >0: that share of each client's training items held out for model selection
     dataset_options: Dict[str, Any] = field(default_factory=dict)
     partition_options: Dict[str, Any] = field(default_factory=dict)  # extra partitioner kwargs (remainder, ...)
 
@@ -71,6 +72,7 @@ class TrainArgs:
     eval_batch_size: int = 2048
     batch_eval_text: bool = False  # opt-in: all clients' evaluation prompts encoded in batched text-tower calls
     train_clients_per_call: int = 1  # >1: clients trained in lockstep, their prompts in one text-tower call (GPU)
+    client_dropout: float = 0.0  # P(a selected client's upload is lost), per client and round (federated/schedule.py)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from .config import Config, ConfigError, ModelArgs, resolve_pretrained, validate
 from .data.base import ImageDataset, build_dataset
 from .data.partition import Partition, make_partition
 from .data.transforms import cifar_legacy_transform, parse_augment, test_transform, train_transform
+from .data.validation import validation_split
 from .federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
 from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
@@ -169,6 +170,12 @@ class Resources:
 
         return self._memo(self.features, FeatureKey(backbone.identity, ds.fingerprint(), "train", desc, patches), bank)
 
+    def clean_train(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, patches: bool,
+                    device: torch.device) -> FeatureSet:
+        """The train split under the test transform (validation items when training views are augmented)."""
+        fn, desc = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        return self.encoded(cfg, backbone, ds, "train", fn, desc, patches, device)
+
 
 @dataclass
 class Experiment:
@@ -213,12 +220,28 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
                  batch_eval_text=t.batch_eval_text, train_clients_per_call=t.train_clients_per_call)
     algo = algo_cls(rt, params)
-    clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
-               for i in range(t.client_num_in_total)]
+    clients = client_data(cfg, part, ds, train_fs, test_fs,
+                          lambda: res.clean_train(cfg, backbone, ds, patches and not lazy, device))
     frac = t.client_num_per_round / t.client_num_in_total
     sim = Simulator(algo, clients, rounds=t.comm_round, frac=frac, seed=seed, eval_every=t.eval_every,
-                    progress=progress)
+                    progress=progress, dropout=t.client_dropout)
     return Experiment(cfg, name, seed, ds, part, algo, sim)
+
+
+def client_data(cfg: Config, part: Partition, ds: ImageDataset, train_fs: FeatureSet, test_fs: FeatureSet,
+                clean_train: Callable[[], FeatureSet]) -> List[ClientData]:
+    """Each client's train / test features; with ``data_args.val_fraction`` > 0 a validation split is held out of its
+    training items (``data/validation.py``: the same items for every method) and scored on clean (un-augmented)
+    features from ``clean_train``."""
+    n = cfg.train_args.client_num_in_total
+    frac = float(cfg.data_args.val_fraction)
+    if frac <= 0:
+        return [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i])) for i in range(n)]
+    kept, val = validation_split([part.train[i] for i in range(n)], ds.train.labels, cfg.common_args.data_seed,
+                                 fraction=frac)
+    clean = train_fs if cfg.data_args.train_augment == "none" else clean_train()
+    return [ClientData(train_fs.subset(kept[i]), test_fs.subset(part.test[i]), clean.subset(val[i]))
+            for i in range(n)]
 
 
 def _patches_over_budget(hp: Any, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> bool:

@@ -101,6 +101,8 @@ CONFIG_RULES: Dict[str, Num] = {
     "train_args.eval_every": INT_POS,
     "train_args.eval_batch_size": INT_POS,
     "train_args.train_clients_per_call": INT_POS,
+    "train_args.client_dropout": Num(float, 0, 1, open_high=True),
+    "data_args.val_fraction": Num(float, 0, 1, open_high=True),
     "device_args.num_threads": Num(int, 1, optional=True),
     "device_args.worker_num": Num(int, 1, optional=True),
     "device_args.gpu_id": INT_NONNEG,

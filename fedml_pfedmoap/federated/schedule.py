@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
+from ..dropout import dropped_clients
 from ..privacy import round_upload_metrics
 from ..seeding import derive_seed
 
@@ -86,6 +87,7 @@ class RoundSchedule:
     frac: float = 1.0
     seed: int = 0
     eval_every: int = 1
+    dropout: float = 0.0  # train_args.client_dropout: P(a selected client's upload never arrives)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval_every", max(1, int(self.eval_every)))
@@ -98,9 +100,15 @@ class RoundSchedule:
         """The round's participants: the sample, passed through the algorithm's ``participants`` hook."""
         return algorithm.participants(round_idx, self.sampled(round_idx), self.num_clients)
 
+    def dropped(self, round_idx: int, selected: Sequence[int]) -> List[int]:
+        """The sorted participants of round ``round_idx`` whose upload is lost (``dropout.dropped_clients``: drawn
+        from (train seed, round) alone, so every method and engine loses the same clients)."""
+        return dropped_clients(self.num_clients, selected, self.dropout, self.seed, round_idx)
+
     def delivered(self, round_idx: int, selected: Sequence[int]) -> List[int]:
-        """The participants whose uploads reach the server (the hook point for client dropout; today: all)."""
-        return list(selected)
+        """The participants whose uploads reach the server, in ``selected`` order (all but ``dropped``)."""
+        lost = set(self.dropped(round_idx, selected))
+        return [int(i) for i in selected if int(i) not in lost]
 
     def evaluates(self, round_idx: int) -> bool:
         """Every ``eval_every``-th round and the last one are evaluation rounds."""

@@ -20,7 +20,7 @@ import torch
 from ..algorithms.protocol import Algorithm
 from ..privacy import run_accounting
 from .features import FeatureSet
-from .metrics import client_summary, run_summary
+from .metrics import client_summary, dropout_metrics, run_summary, selection_summary, validation_summary
 from .schedule import RoundSchedule, upload_summary
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 class ClientData:
     train: FeatureSet
     test: FeatureSet
+    val: Optional[FeatureSet] = None  # held out of the training items (data_args.val_fraction > 0), for selection
 
 
 @dataclass
@@ -57,12 +58,13 @@ class Simulator:
 
     def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], rounds: int, frac: float = 1.0,
                  seed: int = 0, eval_every: int = 1, on_round: Optional[Callable[[Dict[str, Any], "Simulator"], None]] = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, dropout: float = 0.0) -> None:
         self.algo = algorithm
         self.clients = list(clients)
         self.rounds = int(rounds)
         self.seed = int(seed)
-        self.schedule = RoundSchedule(len(self.clients), self.rounds, float(frac), self.seed, eval_every)
+        self.schedule = RoundSchedule(len(self.clients), self.rounds, float(frac), self.seed, eval_every,
+                                      float(dropout))
         self.on_round = on_round
         self.progress = progress
         self.states: Dict[int, Dict[str, Any]] = {}
@@ -79,27 +81,35 @@ class Simulator:
             self.states[cid] = self.algo.init_client_state(cid)
         return self.states[cid]
 
+    def validated(self) -> List[int]:
+        """The clients with a non-empty validation split (none unless ``data_args.val_fraction`` > 0)."""
+        return [c for c, d in enumerate(self.clients) if d.val is not None and len(d.val) > 0]
+
     def run_round(self, t: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         selected = self.schedule.participants(t, self.algo)
         self.algo.begin_round(t, selected)
+        delivered = set(self.schedule.delivered(t, selected))  # dropped clients still train; their upload is lost
         if self.algo.sequential:  # e.g. pFedMoAP's live pool (D2 parity): download i sees uploads 0..i-1
             payloads, uploads = [], []
             for cid in selected:
                 payloads.append(self.algo.client_payload(cid))
                 uploads += self.algo.local_train_many(payloads[-1:], [self.state(cid)], [self.clients[cid].train])
-                self.algo.observe_upload(uploads[-1])
+                if cid in delivered:
+                    self.algo.observe_upload(uploads[-1])
         else:  # the server state is fixed until aggregate: all downloads first, then (possibly lockstep) training
             payloads = [self.algo.client_payload(cid) for cid in selected]
             uploads = self.algo.local_train_many(payloads, [self.state(cid) for cid in selected],
                                                  [self.clients[cid].train for cid in selected])
-        delivered = set(self.schedule.delivered(t, selected))
         uploads = [u for u in uploads if int(u["client_index"]) in delivered]
         summary = upload_summary(payloads, uploads, len(selected), self.result.rounds)
-        self.algo.aggregate(uploads)
+        if uploads:  # every upload lost: the server state stays as it was
+            self.algo.aggregate(uploads)
         # a round without reported training losses (zero-shot, DP) keeps the column as NaN in the simulator's tables
         metrics: Dict[str, Any] = {"round": t, **summary, "train_loss": summary.get("train_loss", float("nan")),
-                                   "time_train_s": time.perf_counter() - t0}
+                                   "time_train_s": time.perf_counter() - t0,
+                                   **(dropout_metrics([c for c in selected if c not in delivered])
+                                      if self.schedule.dropout > 0 else {})}
         if self.schedule.evaluates(t):
             t1 = time.perf_counter()
             accs, ns, losses = [], [], []
@@ -111,6 +121,8 @@ class Simulator:
                 ns.append(res.total)
                 losses.append(res.loss)
             metrics.update(client_summary(accs, ns))
+            metrics.update(validation_summary([self.algo.evaluate(payloads[c], self.state(c), self.clients[c].val).acc
+                                               for c in self.validated()]))
             metrics["test_loss"] = float(np.average(losses, weights=np.maximum(ns, 1)))
             metrics["time_eval_s"] = time.perf_counter() - t1
             self.result.client_acc.append(accs)
@@ -133,5 +145,5 @@ class Simulator:
             if self.on_round is not None:
                 self.on_round(m, self)
         self.result.summary = {**run_summary([r["acc_mean"] for r in self.result.rounds if "acc_mean" in r]),
-                               **run_accounting(self.result.rounds)}
+                               **selection_summary(self.result.rounds), **run_accounting(self.result.rounds)}
         return self.result

@@ -39,7 +39,7 @@ from fedml.core import ClientTrainer, ServerAggregator
 
 from ..algorithms.protocol import Algorithm
 from ..checkpoint import digest
-from ..federated.metrics import client_summary
+from ..federated.metrics import client_summary, dropout_metrics, validation_summary
 from ..federated.schedule import RoundSchedule, upload_summary
 from ..federated.simulator import ClientData
 from ..privacy import reports_evaluation, run_accounting
@@ -66,10 +66,11 @@ class PersonalizedServerAggregator(ServerAggregator):
 
     def __init__(self, model: Any, args: Any, algo: Algorithm, num_clients: int, per_round: int, rounds: int,
                  seed: int, eval_every: int, round_logger: RoundLogger, out_dir: Path,
-                 watchdog: Optional[RoundWatchdog] = None, run_tag: Optional[str] = None) -> None:
+                 watchdog: Optional[RoundWatchdog] = None, run_tag: Optional[str] = None, dropout: float = 0.0) -> None:
         super().__init__(model, args)
         self.algo, self.n, self.rounds, self.seed = algo, int(num_clients), int(rounds), int(seed)
-        self.schedule = RoundSchedule(self.n, self.rounds, per_round / num_clients, self.seed, eval_every)
+        self.schedule = RoundSchedule(self.n, self.rounds, per_round / num_clients, self.seed, eval_every,
+                                      float(dropout))
         self.log, self.watchdog = round_logger, watchdog
         self.workers = list(range(1, int(per_round) + 1))
         self.run_tag = run_tag or f"{getattr(args, 'run_id', '0')}-{uuid.uuid4().hex[:12]}"
@@ -120,11 +121,14 @@ class PersonalizedServerAggregator(ServerAggregator):
             self._wait("waiting for the workers' finished status")
             return {i: {"client_index": i, "round": r + 1, "run_tag": self.run_tag, "done": True, "selected": False,
                         "train": None, "eval": None, "eval_round": None} for i in range(self.n)}
-        delivered = set(self.schedule.delivered(r, self.selection))
+        delivered = set(self.schedule.delivered(r, self.selection))  # a dropped client trained; its upload is lost
         train_ups = sorted((u["upload"] for u in uploads if int(u["client_index"]) in delivered),
                            key=lambda u: int(u["client_index"]))
         self.pending[r] = self._train_metrics(r, train_ups, {int(u["client_index"]): u.get("rank") for u in uploads})
-        self.algo.aggregate(train_ups)
+        if self.schedule.dropout > 0:
+            self.pending[r].update(dropout_metrics([i for i in self.selection if i not in delivered]))
+        if train_ups:  # every upload lost: the server state stays as it was
+            self.algo.aggregate(train_ups)
         nxt = self.schedule.participants(r + 1, self.algo)  # participants of FedML round r+1
         # dp.report_eval off: clients keep the evaluation of their private models (docs/privacy.md), none is asked
         is_eval = reports_evaluation(self.algo.hp) and self.schedule.evaluates(r)
@@ -185,6 +189,7 @@ class PersonalizedServerAggregator(ServerAggregator):
                 raise ProtocolError(f"round {r + 1}: clients {bad} evaluated another round than {r}")
             accs, ns = [e["correct"] / max(1, e["total"]) for _, e in rows], [int(e["total"]) for _, e in rows]
             m.update(client_summary(accs, ns))
+            m.update(validation_summary([e["val_correct"] / e["val_total"] for _, e in rows if e.get("val_total")]))
             m["test_loss"] = float(np.average([e["loss"] for _, e in rows], weights=np.maximum(ns, 1)))
             m["evaluated"] = len(rows)
             m["eval_clients"] = {i: {"acc": a, "rank": served[i]} for (i, _), a in zip(rows, accs)}
@@ -237,6 +242,10 @@ class PersonalizedClientTrainer(ClientTrainer):
             res = self.algo.evaluate(d["eval"], state, self.clients[cid].test)
             ev = {"round": int(d["eval_round"]), "correct": int(res.correct), "total": int(res.total),
                   "loss": float(res.loss)}
+            val = self.clients[cid].val
+            if val is not None and len(val) > 0:  # data_args.val_fraction > 0: the model-selection score
+                vres = self.algo.evaluate(d["eval"], state, val)
+                ev.update(val_correct=int(vres.correct), val_total=int(vres.total))
         up = None
         if d.get("train") is not None:
             up = self.algo.local_train(d["train"], state, self.clients[cid].train)
@@ -343,7 +352,7 @@ def _run_rank(cfg: Any, args: Any, rank: int, watchdog: RoundWatchdog) -> None:
         round_logger = RoundLogger(cfg, run_name=f"{cfg.common_args.run_name}-{exp.algorithm_name}", tags=tags)
         agg = PersonalizedServerAggregator(model, args, algo, t.client_num_in_total, t.client_num_per_round,
                                            t.comm_round, exp.seed, t.eval_every, round_logger, run_dir(cfg),
-                                           watchdog=watchdog)
+                                           watchdog=watchdog, dropout=t.client_dropout)
         FedMLRunner(args, device, dataset, model, server_aggregator=agg).run()
         if not agg.finished:
             raise ProtocolError("the FedML server returned before the last round")

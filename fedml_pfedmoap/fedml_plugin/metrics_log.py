@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..config import Config
-from ..federated.metrics import run_summary
+from ..federated.metrics import run_summary, selection_summary
 from ..tracking import Status, tracker_from_config
 
 
@@ -22,12 +22,14 @@ class RoundLogger:
         self._tracker = tracker_from_config(cfg, experiment=cfg.tracking_args.mlflow_experiment
                                             or cfg.common_args.run_name)
         self.acc: List[float] = []
+        self.rows: List[Dict[str, Any]] = []  # evaluated rounds' acc_mean / acc_val_mean (validation selection)
         self.run_id = self._tracker.start_cell(run_name, cfg.flat(), {k: str(v) for k, v in (tags or {}).items()})
         self._open = True
 
     def log_round(self, metrics: Dict[str, Any], step: int) -> None:
         if "acc_mean" in metrics:
             self.acc.append(float(metrics["acc_mean"]))
+            self.rows.append({k: metrics[k] for k in ("round", "acc_mean", "acc_val_mean") if k in metrics})
         self._tracker.log_round(self.run_id, metrics, int(step))
 
     def close(self, status: Status = "FINISHED") -> None:
@@ -36,5 +38,5 @@ class RoundLogger:
             return
         self._open = False
         if status == "FINISHED" and self.acc:
-            self._tracker.log_summary(self.run_id, run_summary(self.acc))
+            self._tracker.log_summary(self.run_id, {**run_summary(self.acc), **selection_summary(self.rows)})
         self._tracker.end_cell(self.run_id, status)
