@@ -19,6 +19,9 @@ ablation seen from PromptFL) share one run.
 * ``seeds``: training seeds (``common_args.random_seed``); the partition seed stays ``common_args.data_seed``;
 * ``overrides``: mappings of ``section.key: value`` (or nested ``section: {key: value}``) applied per cell, for
   ablations such as ``{algorithm_args.pfedmoap.lam: 1.0}``; a ``name`` key sets the label.
+* ``sweep``: ``{key: data_args.shots, values: [1, 2, 4], also: {other.key: [..]}, x: [..]}``: one override per value
+  (labelled ``shots=1``...), ``also`` sets further keys value by value, ``x`` the plotted value (default the value);
+  the leaderboard adds accuracy against the swept value per method (instead of ``overrides``, not with them).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ RUN_KEYS = frozenset({
     "tracking_args.enable_tracking", "tracking_args.enable_wandb", "tracking_args.mlflow_tracking_uri",
     "tracking_args.mlflow_experiment", "tracking_args.log_file_dir",
     "benchmark_args.name", "benchmark_args.datasets", "benchmark_args.splits", "benchmark_args.algorithms",
-    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.caution",
+    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.caution", "benchmark_args.sweep",
 })
 RESULT_KEYS = frozenset({
     "common_args.random_seed", "common_args.data_seed",
@@ -303,6 +306,10 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
                             f" valid choices: {', '.join(PARTITIONERS.names())}")
         splits.append(s)
     overrides = _list(b, "overrides", (dict,), "a mapping of section.key: value") or [{}]
+    if b.get("sweep") is not None:
+        if b.get("overrides"):
+            raise GridError("benchmark_args.sweep: set sweep or overrides, not both")
+        overrides = sweep_overrides(b["sweep"])
 
     cells: List[Cell] = []
     labels: Dict[str, int] = {}
@@ -347,9 +354,37 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     # the resolved config describes this cell alone (its split and override are already applied), so the logged
     # config.yaml re-runs exactly this cell
     b = cfg.benchmark_args
-    b.datasets, b.splits, b.algorithms, b.seeds, b.overrides = [cell.dataset], [], [algo], [seed], []
+    b.datasets, b.splits, b.algorithms, b.seeds, b.overrides, b.sweep = [cell.dataset], [], [algo], [seed], [], None
     cell.hash = cell_hash(cfg, algo)
     return cell
+
+
+def sweep_overrides(sweep: Any) -> List[Dict[str, Any]]:
+    """``benchmark_args.sweep`` -> one named override per value (see the module docstring)."""
+    where = "benchmark_args.sweep"
+    if not isinstance(sweep, Mapping) or set(sweep) - {"key", "values", "also", "x"} or "key" not in sweep:
+        raise GridError(f"{where}: expected a mapping with key, values and optionally also, x; got {sweep!r}")
+    key, values = sweep["key"], sweep.get("values")
+    if not isinstance(key, str) or key.count(".") != 1:
+        raise GridError(f"{where}.key: expected section.key (e.g. data_args.shots), got {key!r}")
+    if not isinstance(values, list) or not values:
+        raise GridError(f"{where}.values: expected a non-empty list, got {values!r}")
+    also = sweep.get("also") or {}
+    lists = {"x": sweep["x"]} if "x" in sweep else {}
+    lists.update({f"also.{k}": v for k, v in (also.items() if isinstance(also, Mapping) else [])})
+    if not isinstance(also, Mapping):
+        raise GridError(f"{where}.also: expected a mapping of section.key: [values], got {also!r}")
+    for name, v in lists.items():
+        if not isinstance(v, list) or len(v) != len(values):
+            raise GridError(f"{where}.{name}: expected a list of {len(values)} entries (one per value), got {v!r}")
+    short = key.split(".")[-1]
+    return [{"name": f"{short}={_fmt(v)}", key: v, **{k: also[k][i] for k in also}} for i, v in enumerate(values)]
+
+
+def sweep_points(sweep: Mapping[str, Any]) -> Dict[str, float]:
+    """Override label -> plotted x value of a (validated) ``benchmark_args.sweep``."""
+    xs = sweep.get("x") or sweep["values"]
+    return {ov["name"]: float(x) for ov, x in zip(sweep_overrides(sweep), xs)}
 
 
 def filter_cells(cells: Iterable[Cell], only: Sequence[str]) -> List[Cell]:

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from fedml_pfedmoap.federated.metrics import PRIVACY_METRICS, ROUND_METRICS, SUMMARY_METRICS
+from fedml_pfedmoap.federated.metrics import (EXTRA_ROUND_METRICS, PRIVACY_METRICS, ROUND_METRICS, SUMMARY_METRICS,
+                                             VALIDATION_METRICS)
 from fedml_pfedmoap.tracking import MlflowLogger
 
 from .grid import Cell, CellRecord, expand_grid
@@ -49,7 +50,7 @@ def _record_from_run(tracker: MlflowLogger, run: Any) -> CellRecord:
 
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
     steps: Dict[int, Dict[str, float]] = {}
-    for key in [k for k in ROUND_METRICS if k in metrics]:
+    for key in [k for k in ROUND_METRICS + EXTRA_ROUND_METRICS if k in metrics]:
         for step, value in tracker.metric_history(rid, key):
             steps.setdefault(step, {"round": step})[key] = value
     client_acc: List[float] = []
@@ -63,7 +64,7 @@ def _record_from_run(tracker: MlflowLogger, run: Any) -> CellRecord:
     return CellRecord(tags.get("dataset", "?"), tags.get("split", "?"), tags.get("override", ""),
                       tags.get("algorithm", "?"), int(tags.get("seed", 0)), int(tags.get("data_seed", 0)),
                       tags.get("cell_hash", ""), [steps[s] for s in sorted(steps)],
-                      {k: float(metrics[k]) for k in SUMMARY_METRICS + PRIVACY_METRICS if k in metrics}, client_acc, rid,
+                      {k: float(metrics[k]) for k in SUMMARY_METRICS + PRIVACY_METRICS + VALIDATION_METRICS if k in metrics}, client_acc, rid,
                       tags.get("partition_hash", ""), tags.get("git_commit", ""))
 
 
@@ -80,7 +81,7 @@ def _last(r: CellRecord, key: str) -> Optional[float]:
 
 def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, str, str], List[Dict[str, Any]]]:
     """group -> rows (one per algorithm, grid order): column -> (mean, std, n) over seeds."""
-    cols = column_names(headline)
+    cols = column_names(headline, validated(records))
     groups: Dict[Tuple[str, str, str], Dict[str, List[CellRecord]]] = {}
     for r in records:
         groups.setdefault(r.group, {}).setdefault(r.algorithm, []).append(r)
@@ -100,10 +101,17 @@ def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, 
     return out
 
 
-def column_names(headline: str) -> List[str]:
+def validated(records: Sequence[CellRecord]) -> bool:
+    """True when some run selected its round on a validation split (``data_args.val_fraction`` > 0)."""
+    return any("acc_val_selected" in r.summary for r in records)
+
+
+def column_names(headline: str, validation: bool = False) -> List[str]:
+    """The headline, the other of acc_last5 / acc_last, acc_val_selected (validation on), acc_best, worst 10%."""
     if headline not in HEADLINES:
         raise ValueError(f"--headline: expected one of {', '.join(HEADLINES)}, got {headline!r}")
-    return [headline, [h for h in HEADLINES if h != headline][0], "acc_best", "acc_bottom10"]
+    val = ["acc_val_selected"] if validation else []
+    return [headline, [h for h in HEADLINES if h != headline][0], *val, "acc_best", "acc_bottom10"]
 
 
 def privacy_cell(recs: Sequence[CellRecord]) -> Optional[str]:
@@ -117,7 +125,9 @@ def privacy_cell(recs: Sequence[CellRecord]) -> Optional[str]:
 
 
 COLUMN_TITLES = {"acc_last5": "acc_last5 (mean of last 5 rounds)", "acc_last": "acc_last (final round)",
-                 "acc_best": "acc_best (best round, optimistic)", "acc_bottom10": "worst-10% clients (final)"}
+                 "acc_best": "acc_best (best round, optimistic)",
+                 "acc_val_selected": "acc_val_selected (round of best validation accuracy)",
+                 "acc_bottom10": "worst-10% clients (final)"}
 
 
 def load_paper() -> Dict[str, Any]:
@@ -190,7 +200,7 @@ def group_slug(g: Tuple[str, str, str]) -> str:
 # ---- outputs ------------------------------------------------------------------------------------------------------
 def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: Optional[str], source: str,
              missing: Sequence[str] = ()) -> str:
-    cols = column_names(headline)
+    cols = column_names(headline, validated(records))
     paper = load_paper()
     lines = [f"# Leaderboard: {title}", ""]
     for c in setting_cautions(records, caution):
@@ -276,7 +286,7 @@ def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
 
 
 def write_outputs(records: Sequence[CellRecord], out_dir: Path, title: str, caution: Optional[str], headline: str,
-                  source: str, missing: Sequence[str] = ()) -> List[Path]:
+                  source: str, missing: Sequence[str] = (), sweep: Optional[Dict[str, Any]] = None) -> List[Path]:
     """summary.csv, LEADERBOARD.md and the two plots per group under ``out_dir``."""
     from .plots import accuracy_vs_round, client_distribution
 
@@ -291,7 +301,23 @@ def write_outputs(records: Sequence[CellRecord], out_dir: Path, title: str, caut
     for g, recs in groups.items():
         paths.append(accuracy_vs_round(recs, group_title(g), out_dir / f"acc_vs_round-{group_slug(g)}.png"))
         paths.append(client_distribution(recs, group_title(g), out_dir / f"client_acc-{group_slug(g)}.png"))
+    if sweep:
+        paths += sweep_plots(records, sweep, headline, out_dir)
     return paths
+
+
+def sweep_plots(records: Sequence[CellRecord], sweep: Dict[str, Any], headline: str, out_dir: Path) -> List[Path]:
+    """One ``acc_vs_<key>-<dataset>_<split>.png`` per dataset × split of a ``benchmark_args.sweep`` grid."""
+    from .grid import sweep_points
+    from .plots import accuracy_vs_value
+
+    points = sweep_points(sweep)
+    key = str(sweep["key"]).split(".")[-1]
+    by_data: Dict[Tuple[str, str], List[CellRecord]] = {}
+    for r in records:
+        by_data.setdefault((r.dataset, r.split), []).append(r)
+    return [accuracy_vs_value(recs, points, headline, key, group_title((*g, "")),
+                              out_dir / f"acc_vs_{key}-{group_slug((*g, ''))}.png") for g, recs in by_data.items()]
 
 
 # ---- subcommand ---------------------------------------------------------------------------------------------------
@@ -322,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
     source = (f"MLflow `{uri}`, experiment `{tracker.experiment}`, {len(records)} finished cell runs, "
               f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}")
     paths = write_outputs(records, out, base.benchmark_args.name, base.benchmark_args.caution, args.headline,
-                          source, [c.label for c in missing])
+                          source, [c.label for c in missing], base.benchmark_args.sweep)
     print(console_table(records, base.benchmark_args.caution))
     if missing:
         print(f"{len(missing)} cell(s) have no finished run: {', '.join(c.label for c in missing[:5])}"

@@ -54,6 +54,37 @@ def accuracy_vs_round(records: Sequence[Any], title: str, path: Path) -> Path:
     return path
 
 
+def accuracy_vs_value(records: Sequence[Any], points: Mapping[str, float], metric: str, key: str, title: str,
+                      path: Path) -> Path:
+    """A sweep: ``metric`` (a run summary, mean over seeds ± std) against the swept value, one line per algorithm;
+    ``points`` maps a cell's override label to its x value."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for algo, recs in _by_algorithm(records).items():
+        per_x: Dict[float, List[float]] = {}
+        for r in recs:
+            if r.override in points and metric in r.summary:
+                per_x.setdefault(float(points[r.override]), []).append(100 * r.summary[metric])
+        if not per_x:
+            continue
+        x = np.array(sorted(per_x))
+        m = np.array([np.mean(per_x[v]) for v in x])
+        s = np.array([np.std(per_x[v]) for v in x])
+        ax.errorbar(x, m, yerr=s, marker="o", ms=4, capsize=3, label=algo)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(set(float(v) for v in points.values())))
+    ax.set_xticklabels([f"{v:g}" for v in sorted(set(float(v) for v in points.values()))])
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"accuracy vs {key}: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def client_distribution(records: Sequence[Any], title: str, path: Path) -> Path:
     """Final-round accuracy of every client (pooled over seeds): a box per algorithm with the points on top."""
     plt = _plt()

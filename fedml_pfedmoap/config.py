@@ -110,6 +110,7 @@ class BenchmarkArgs:
     algorithms: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[Dict[str, Any]] = field(default_factory=list)
+    sweep: Optional[Dict[str, Any]] = None  # {key, values, also?, x?}: one override per value (benchmark_suite/grid.py)
     caution: Optional[str] = None
 
 
