@@ -140,7 +140,7 @@ def paper_entry(paper: Dict[str, Any], dataset: str, split: str) -> Optional[Dic
 
 def setting_mismatch(paper: Dict[str, Any], entry: Dict[str, Any], records: Sequence[CellRecord]) -> List[str]:
     """``key: ours (paper: theirs)`` for every key of the entry's paper setting that some record does not match."""
-    from .grid import PATH_VALUED, _file_name
+    from .identity import PATH_VALUED, _file_name
 
     want = (paper.get("settings") or {}).get(entry.get("setting"), {})
     out: List[str] = []

@@ -108,7 +108,7 @@ def test_identity_ignores_run_keys_and_follows_result_keys(tmp_path):
 
 def test_every_config_key_is_classified():
     """A new config key must be decided (and documented in docs/benchmark.md): RUN keys stay out of the identity."""
-    from benchmark_suite.grid import RESULT_KEYS, RUN_KEYS
+    from benchmark_suite.identity import RESULT_KEYS, RUN_KEYS
     from fedml_pfedmoap.config import Config
 
     keys = set(Config().flat())
