@@ -231,13 +231,24 @@ class PFedMMA(Algorithm):
         return {"client_index": payload["client_index"], "n": len(data), "shared": model.adapters.shared_state(),
                 "metrics": {"train_loss": total / max(1, steps)}}
 
-    @torch.no_grad()
-    def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
-        model = self.build_model(payload, state)
+    def eval_text(self, model: PFedMMAModel) -> torch.Tensor:
+        """The client's own text features; ``parity_stale_text_cache``: the first evaluation's, reused forever."""
         stale = getattr(self, "_stale_text", None) if self.hp.parity_stale_text_cache else None
         text = model.text_features() if stale is None else stale
         if self.hp.parity_stale_text_cache and stale is None:
             self._stale_text = text
+        return text
+
+    @torch.no_grad()
+    def eval_logits(self, payload: Dict[str, Any], state: Dict[str, Any], batch: Batch) -> torch.Tensor:
+        """Evaluation logits of one batch (``pfedmoap-bench perf`` compares them across its two paths)."""
+        model = self.build_model(payload, state)
+        return model.logits(batch, self.eval_text(model))
+
+    @torch.no_grad()
+    def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
+        model = self.build_model(payload, state)
+        text = self.eval_text(model)
         correct, loss_sum = 0, 0.0
         for batch in data.chunks(self.rt.eval_batch_size):
             logits = model.logits(batch, text)

@@ -40,6 +40,7 @@ class ClientPayload(TypedDict, total=False):
     expert_rounds: List[int]
     global_gate: Dict[str, torch.Tensor]  # pFedMoAP's gate_aggregation: fedavg ablation
     generator: Dict[str, torch.Tensor]  # FedTPG: the prompt generator's parameters
+    shared: Dict[str, torch.Tensor]  # pFedMMA: the global shared projections
 
 
 EvalPayload = ClientPayload  # the payload a client is evaluated with (same keys)
@@ -61,6 +62,7 @@ class Upload(TypedDict, total=False):
     prompt: torch.Tensor  # prompt methods: the trained (possibly privatized) global part
     gate: Dict[str, torch.Tensor]  # pFedMoAP's gate_aggregation: fedavg ablation
     generator: Dict[str, torch.Tensor]  # FedTPG
+    shared: Dict[str, torch.Tensor]  # pFedMMA: the trained shared projections
     metrics: Dict[str, float]  # see UploadMetrics; never counted in bytes_up
 
 
@@ -72,6 +74,7 @@ class ClientState(TypedDict, total=False):
     gate: Dict[str, torch.Tensor]
     moe_trained: bool
     momentum: List[torch.Tensor]  # FedTPG parity_persistent_client_optim
+    adapters: Dict[str, torch.Tensor]  # pFedMMA: the private Down/Up adapters of both towers
     steps: int
 
 

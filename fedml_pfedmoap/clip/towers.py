@@ -10,6 +10,7 @@ can wrap them), then the stock pooling (ln_post, class token) and projection. Ru
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -69,11 +70,18 @@ def visual_from_stream(backbone: ClipBackbone, x: torch.Tensor, block: int,
     return pooled @ vis.proj if vis.proj is not None else pooled
 
 
-def text_tokens(backbone: ClipBackbone, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenized fixed prompts truncated after the longest EOT (exact for the causal text tower) and their EOTs."""
-    tokens = get_open_clip().get_tokenizer(backbone.name)(prompts)
+@functools.lru_cache(maxsize=64)
+def _tokenize(model_name: str, prompts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = get_open_clip().get_tokenizer(model_name)(list(prompts))
     eot = tokens.argmax(dim=-1)
     return tokens[:, :int(eot.max()) + 1], eot
+
+
+def text_tokens(backbone: ClipBackbone, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenized fixed prompts truncated after the longest EOT (exact for the causal text tower) and their EOTs
+    (memoized per model name and prompt list: tokenizing is not part of either tower)."""
+    tokens, eot = _tokenize(backbone.name, tuple(prompts))
+    return tokens.clone(), eot.clone()
 
 
 def _text_mask(backbone: ClipBackbone, length: int) -> Optional[torch.Tensor]:
