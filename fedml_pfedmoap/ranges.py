@@ -150,6 +150,12 @@ PARAM_RULES: Dict[str, Any] = {
     "adapter_scale": POS,
     "adapter_start": Num(int, 1, optional=True),
     "token_cache_gb": Num(float, 0, optional=True),
+    # FedMGP
+    "groups": INT_POS,
+    "visual_ctx": INT_POS,
+    "topk": INT_POS,
+    "temperature": POS,
+    "div_weight": NONNEG,
 }
 
 

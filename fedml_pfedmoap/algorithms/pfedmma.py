@@ -27,8 +27,8 @@ from ..clip.towers import (require_vit, text_depth, text_from_stream, text_strea
 from ..federated.features import Batch, FeatureSet
 from ..seeding import make_generator
 from .promptfl import fedavg
-from .protocol import Algorithm, EvalResult, PromptParams, Runtime, register_algorithm
-from .training import batch_stream, make_optimizer
+from .protocol import Algorithm, EvalResult, PromptParams, Runtime, register_algorithm, score_split
+from .training import fit_one
 
 
 class GradScale(torch.autograd.Function):
@@ -134,6 +134,9 @@ class PFedMMAModel(nn.Module):
     def logits(self, batch: Batch, text: torch.Tensor) -> torch.Tensor:
         return self.rt.logit_scale * self.image_features(batch.patches) @ text.t()
 
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch, self.text_features()), batch.labels)
+
 
 @torch.no_grad()
 def text_input_stream(rt: Runtime, template: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,19 +220,10 @@ class PFedMMA(Algorithm):
 
     def local_train(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> Dict[str, Any]:
         model = self.build_model(payload, state)
-        opt = make_optimizer(model, self.hp)
-        total, steps = 0.0, 0
-        for batch in batch_stream(self, payload, data):
-            loss = F.cross_entropy(model.logits(batch, model.text_features()), batch.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-        if steps and not math.isfinite(total):
-            raise FloatingPointError(f"pfedmma: non-finite training loss for client {payload['client_index']}")
+        loss = fit_one(self, model, payload, data)
         state["adapters"] = model.adapters.local_state()
         return {"client_index": payload["client_index"], "n": len(data), "shared": model.adapters.shared_state(),
-                "metrics": {"train_loss": total / max(1, steps)}}
+                "metrics": {"train_loss": loss}}
 
     def eval_text(self, model: PFedMMAModel) -> torch.Tensor:
         """The client's own text features; ``parity_stale_text_cache``: the first evaluation's, reused forever."""
@@ -249,9 +243,4 @@ class PFedMMA(Algorithm):
     def evaluate(self, payload: Dict[str, Any], state: Dict[str, Any], data: FeatureSet) -> EvalResult:
         model = self.build_model(payload, state)
         text = self.eval_text(model)
-        correct, loss_sum = 0, 0.0
-        for batch in data.chunks(self.rt.eval_batch_size):
-            logits = model.logits(batch, text)
-            loss_sum += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == batch.labels).sum())
-        return EvalResult(correct, len(data), loss_sum / max(1, len(data)))
+        return score_split(lambda batch: model.logits(batch, text), data, self.rt.eval_batch_size)

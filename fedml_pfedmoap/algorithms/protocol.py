@@ -118,6 +118,16 @@ class EvalResult:
         return self.correct / max(1, self.total)
 
 
+def score_split(score: Callable[[Any], torch.Tensor], data: FeatureSet, batch_size: int) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``score(batch) -> logits`` over ``data`` in chunks of ``batch_size``."""
+    correct, loss_sum = 0, 0.0
+    for batch in data.chunks(batch_size):
+        logits = score(batch)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+    return EvalResult(correct, len(data), loss_sum / max(1, len(data)))
+
+
 @dataclass
 class PromptParams:
     """Hyperparameters every prompt method shares (docs/algorithms.md §Shared defaults)."""
