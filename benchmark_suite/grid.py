@@ -18,7 +18,9 @@ ablation seen from PromptFL) share one run.
 * ``algorithms``: registered algorithm names (empty: ``train_args.federated_optimizer``);
 * ``seeds``: training seeds (``common_args.random_seed``); the partition seed stays ``common_args.data_seed``;
 * ``overrides``: mappings of ``section.key: value`` (or nested ``section: {key: value}``) applied per cell, for
-  ablations such as ``{algorithm_args.pfedmoap.lam: 1.0}``; a ``name`` key sets the label.
+  ablations such as ``{algorithm_args.pfedmoap.lam: 1.0}``; a ``name`` key sets the label;
+* ``algorithm_overrides``: ``{algorithm: {section.key: value}}`` applied to that algorithm's cells only (after
+  ``overrides``), e.g. a ViT model for the methods that adapt a ViT image tower in an RN50 grid.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ RUN_KEYS = frozenset({
     "tracking_args.enable_tracking", "tracking_args.enable_wandb", "tracking_args.mlflow_tracking_uri",
     "tracking_args.mlflow_experiment", "tracking_args.log_file_dir",
     "benchmark_args.name", "benchmark_args.datasets", "benchmark_args.splits", "benchmark_args.algorithms",
-    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.caution",
+    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.algorithm_overrides",
+    "benchmark_args.caution",
 })
 RESULT_KEYS = frozenset({
     "common_args.random_seed", "common_args.data_seed",
@@ -302,6 +305,15 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
                             f" valid choices: {', '.join(PARTITIONERS.names())}")
         splits.append(s)
     overrides = _list(b, "overrides", (dict,), "a mapping of section.key: value") or [{}]
+    per_algo = b.get("algorithm_overrides") or {}
+    if not isinstance(per_algo, dict):
+        raise GridError(f"benchmark_args.algorithm_overrides: expected a mapping of algorithm name to a mapping of "
+                        f"section.key: value, got {per_algo!r}")
+    for a, ov in per_algo.items():
+        if str(a).lower() not in ALGORITHMS or not isinstance(ov, dict):
+            raise GridError(f"benchmark_args.algorithm_overrides.{a}: expected a registered algorithm name mapped "
+                            f"to section.key: value, got {a!r}: {ov!r}")
+    per_algo = {str(a).lower(): ov for a, ov in per_algo.items()}
 
     cells: List[Cell] = []
     labels: Dict[str, int] = {}
@@ -310,7 +322,8 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
             for oi, ov in enumerate(overrides):
                 for seed in seeds:
                     for a in algorithms:
-                        cell = _make_cell(raw_base, base.source, d, si, s, oi, ov, int(seed), a)
+                        cell = _make_cell(raw_base, base.source, d, si, s, oi, ov, int(seed), a,
+                                          per_algo.get(a, {}))
                         if cell.label in labels:
                             raise GridError(f"benchmark_args: two grid entries resolve to the same cell "
                                             f"{cell.label!r}; give splits/overrides distinct 'name' keys")
@@ -320,7 +333,7 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
 
 
 def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si: int, split: Dict[str, Any],
-               oi: int, ov: Dict[str, Any], seed: int, algo: str) -> Cell:
+               oi: int, ov: Dict[str, Any], seed: int, algo: str, algo_ov: Optional[Dict[str, Any]] = None) -> Cell:
     from fedml_pfedmoap.algorithms import get_algorithm
 
     raw = copy.deepcopy(raw_base)
@@ -333,10 +346,13 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     where = f"benchmark_args.overrides[{oi}]"
     for k, v in _flatten({k: v for k, v in ov.items() if k != "name"}).items():
         _set(raw, k, v, where)
+    for k, v in _flatten(algo_ov or {}).items():
+        _set(raw, k, v, f"benchmark_args.algorithm_overrides.{algo}")
     try:
         cfg = from_dict(raw, source=source)
     except ConfigError as err:
-        ctx = where if ov else f"benchmark_args.splits[{si}]"
+        ctx = f"benchmark_args.algorithm_overrides.{algo}" if algo_ov else \
+            (where if ov else f"benchmark_args.splits[{si}]")
         raise GridError(f"{ctx}: {err}") from None
     try:
         get_algorithm(algo).parse_params(cfg.algo_params(algo))
@@ -347,6 +363,7 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     # config.yaml re-runs exactly this cell
     b = cfg.benchmark_args
     b.datasets, b.splits, b.algorithms, b.seeds, b.overrides = [cell.dataset], [], [algo], [seed], []
+    b.algorithm_overrides = {}
     cell.hash = cell_hash(cfg, algo)
     return cell
 

@@ -108,6 +108,8 @@ class BenchmarkArgs:
     algorithms: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[Dict[str, Any]] = field(default_factory=list)
+    # per algorithm name: section.key overrides for that algorithm's cells only (e.g. a ViT model for ViT-only methods)
+    algorithm_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     caution: Optional[str] = None
 
 
