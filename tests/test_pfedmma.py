@@ -209,3 +209,15 @@ def test_cross_silo_adapters_equal_simulator(tmp_path):
     from cross_silo_compare import adapters_match_simulator
 
     adapters_match_simulator(tmp_path, "pfedmma", {})
+
+
+@pytest.mark.parametrize("augment", ["online", "bank:2"])
+def test_augmented_training_carries_the_stream(quick_cfg, augment):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    quick_cfg.data_args.train_augment = augment
+    quick_cfg.train_args.comm_round = 1
+    ex = build_experiment(quick_cfg, "pfedmma", progress=False)
+    batch = next(ex.simulator.clients[0].train.batches(4, make_generator(0, "b")))
+    assert batch.patches.shape[1:] == (17, 64)  # the residual stream after block 1 of mini-clip, not patch tokens
+    assert math.isfinite(ex.simulator.run().rounds[0]["train_loss"])
