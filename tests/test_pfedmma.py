@@ -87,6 +87,18 @@ def test_cached_visual_stream_equals_full_forward(tiny_backbone, block):
     assert torch.equal(cached, stream) and (pooled - full).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("block", [0, 1, 2])
+def test_cached_text_stream_equals_encode_text(tiny_backbone, block):
+    from fedml_pfedmoap.clip.openclip import get_open_clip
+
+    prompts = ["a photo of a cat.", "a photo of a golden retriever."]
+    full = tiny_backbone.model.encode_text(get_open_clip().get_tokenizer("tiny-clip")(prompts))  # 77 tokens
+    tokens, eot = towers.text_tokens(tiny_backbone, prompts)
+    assert tokens.shape[1] < 77
+    got = towers.text_from_stream(tiny_backbone, towers.text_stream(tiny_backbone, tokens, block), eot, block)
+    assert (got - full).abs().max() <= 1e-5
+
+
 def _split_and_full_grads(backbone, rt, hp, imgs, labels):
     """Loss gradients of the adapters: run from the cached streams vs a full forward of both towers."""
     algo = get_algorithm("pfedmma")(rt, hp)
