@@ -36,15 +36,18 @@ step() {  # step NAME LIMIT_S CMD...
   timeout "$limit" "$@" >> "$LOG" 2>&1
   say "end $name rc=$? after $((SECONDS - t0))s"
 }
-# 1. the anchor setting (C = 10, one class per client, 16 shots, batch 16), every algorithm, naive vs optimized, fp32
-step anchor_c10 75 $BENCH --classes 10 --shots 16 --batch 16 --rounds 3 --out "$OUT/gpu_vitb16_c10_fp32.json"
-# 2. C = 100 (10 classes per client), every algorithm, naive vs optimized, fp32
-step c100 90 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --out "$OUT/gpu_vitb16_c100_fp32.json"
+# 1. the anchor setting (C = 10, one class per client, 16 shots, batch 16), every prompt method, naive vs optimized, fp32
+PROMPT_ALGOS=dpfpl,fedotp,fedpgp,fedpha,fedprox,fedtpg,local,pfedmoap,pfedmoap_lambda0,promptfl,promptfolio,zeroshot
+step anchor_c10 75 $BENCH --classes 10 --shots 16 --batch 16 --rounds 3 --algorithms $PROMPT_ALGOS \
+  --out "$OUT/gpu_vitb16_c10_fp32.json"
+# 2. C = 100 (10 classes per client), every prompt method, naive vs optimized, fp32
+step c100 90 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --algorithms $PROMPT_ALGOS \
+  --out "$OUT/gpu_vitb16_c100_fp32.json"
 # 3. C = 100, bf16 autocast on the frozen towers (optimized path), naive reference in fp32
-step c100_bf16 75 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --precision bf16 \
+step c100_bf16 75 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --precision bf16 --algorithms $PROMPT_ALGOS \
   --out "$OUT/gpu_vitb16_c100_bf16.json"
-# 4. peak memory: C = 100, batch 32, optimized path only, every algorithm
-step mem_c100_b32 50 $BENCH --classes 100 --shots 32 --batch 32 --rounds 2 --modes fast \
+# 4. peak memory: C = 100, batch 32, optimized path only, every prompt method
+step mem_c100_b32 50 $BENCH --classes 100 --shots 32 --batch 32 --rounds 2 --modes fast --algorithms $PROMPT_ALGOS \
   --out "$OUT/gpu_vitb16_c100_b32_memory.json"
 # 5. a 2-round pFedMoAP + FedOTP run through build_experiment (embedded digits, ViT-B/16 random weights)
 step e2e_2rounds 80 python3 - "$OUT/gpu_e2e_pfedmoap_fedotp.json" <<'PY'
@@ -81,5 +84,8 @@ step lockstep_c100 45 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --mo
 # 7. optional: torch.compile of the text transformer (pFedMoAP only; compilation time included in round 0)
 step compile_c100 60 $BENCH --classes 100 --shots 16 --batch 16 --rounds 3 --algorithms pfedmoap --modes fast \
   --compile --out "$OUT/gpu_vitb16_c100_compile.json"
+# 8. the methods that train inside the towers: cached lower layers vs whole towers every step (max |Δlogit|, ratio)
+step tower_c10 90 $BENCH --classes 10 --shots 16 --batch 16 --rounds 2 --algorithms pfedmma,fedmgp \
+  --out "$OUT/gpu_vitb16_c10_tower.json"
 say "done; JSON files:"
 ls -la "$OUT" | tee -a "$LOG"

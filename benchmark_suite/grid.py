@@ -21,7 +21,9 @@ ablation seen from PromptFL) share one run.
   ablations such as ``{algorithm_args.pfedmoap.lam: 1.0}``; a ``name`` key sets the label.
 * ``sweep``: ``{key: data_args.shots, values: [1, 2, 4], also: {other.key: [..]}, x: [..]}``: one override per value
   (labelled ``shots=1``...), ``also`` sets further keys value by value, ``x`` the plotted value (default the value);
-  the leaderboard adds accuracy against the swept value per method (instead of ``overrides``, not with them).
+  the leaderboard adds accuracy against the swept value per method (instead of ``overrides``, not with them);
+* ``algorithm_overrides``: ``{algorithm: {section.key: value}}`` applied to that algorithm's cells only (after
+  ``overrides``), e.g. a ViT model for the methods that adapt a ViT image tower in an RN50 grid.
 """
 from __future__ import annotations
 
@@ -234,6 +236,15 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
         if b.get("overrides"):
             raise GridError("benchmark_args.sweep: set sweep or overrides, not both")
         overrides = sweep_overrides(b["sweep"])
+    per_algo = b.get("algorithm_overrides") or {}
+    if not isinstance(per_algo, dict):
+        raise GridError(f"benchmark_args.algorithm_overrides: expected a mapping of algorithm name to a mapping of "
+                        f"section.key: value, got {per_algo!r}")
+    for a, ov in per_algo.items():
+        if str(a).lower() not in ALGORITHMS or not isinstance(ov, dict):
+            raise GridError(f"benchmark_args.algorithm_overrides.{a}: expected a registered algorithm name mapped "
+                            f"to section.key: value, got {a!r}: {ov!r}")
+    per_algo = {str(a).lower(): ov for a, ov in per_algo.items()}
 
     cells: List[Cell] = []
     labels: Dict[str, int] = {}
@@ -242,7 +253,8 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
             for oi, ov in enumerate(overrides):
                 for seed in seeds:
                     for a in algorithms:
-                        cell = _make_cell(raw_base, base.source, d, si, s, oi, ov, int(seed), a)
+                        cell = _make_cell(raw_base, base.source, d, si, s, oi, ov, int(seed), a,
+                                          per_algo.get(a, {}))
                         if cell.label in labels:
                             raise GridError(f"benchmark_args: two grid entries resolve to the same cell "
                                             f"{cell.label!r}; give splits/overrides distinct 'name' keys")
@@ -252,7 +264,7 @@ def expand_grid(base: Config, only: Sequence[str] = ()) -> List[Cell]:
 
 
 def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si: int, split: Dict[str, Any],
-               oi: int, ov: Dict[str, Any], seed: int, algo: str) -> Cell:
+               oi: int, ov: Dict[str, Any], seed: int, algo: str, algo_ov: Optional[Dict[str, Any]] = None) -> Cell:
     from fedml_pfedmoap.algorithms import get_algorithm
 
     raw = copy.deepcopy(raw_base)
@@ -265,10 +277,13 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     where = f"benchmark_args.overrides[{oi}]"
     for k, v in _flatten({k: v for k, v in ov.items() if k != "name"}).items():
         _set(raw, k, v, where)
+    for k, v in _flatten(algo_ov or {}).items():
+        _set(raw, k, v, f"benchmark_args.algorithm_overrides.{algo}")
     try:
         cfg = from_dict(raw, source=source)
     except ConfigError as err:
-        ctx = where if ov else f"benchmark_args.splits[{si}]"
+        ctx = f"benchmark_args.algorithm_overrides.{algo}" if algo_ov else \
+            (where if ov else f"benchmark_args.splits[{si}]")
         raise GridError(f"{ctx}: {err}") from None
     try:
         get_algorithm(algo).parse_params(cfg.algo_params(algo))
@@ -279,6 +294,7 @@ def _make_cell(raw_base: Dict[str, Any], source: Optional[str], dataset: str, si
     # config.yaml re-runs exactly this cell
     b = cfg.benchmark_args
     b.datasets, b.splits, b.algorithms, b.seeds, b.overrides, b.sweep = [cell.dataset], [], [algo], [seed], [], None
+    b.algorithm_overrides = {}
     cell.hash = cell_hash(cfg, algo)
     return cell
 

@@ -28,7 +28,8 @@ RUN_KEYS = frozenset({
     "tracking_args.enable_tracking", "tracking_args.enable_wandb", "tracking_args.mlflow_tracking_uri",
     "tracking_args.mlflow_experiment", "tracking_args.log_file_dir",
     "benchmark_args.name", "benchmark_args.datasets", "benchmark_args.splits", "benchmark_args.algorithms",
-    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.caution", "benchmark_args.sweep",
+    "benchmark_args.seeds", "benchmark_args.overrides", "benchmark_args.algorithm_overrides", "benchmark_args.caution",
+    "benchmark_args.sweep",
 })
 RESULT_KEYS = frozenset({
     "common_args.random_seed", "common_args.data_seed",

@@ -139,10 +139,14 @@ def paper_entry(paper: Dict[str, Any], dataset: str, split: str) -> Optional[Dic
 
 
 def setting_mismatch(paper: Dict[str, Any], entry: Dict[str, Any], records: Sequence[CellRecord]) -> List[str]:
-    """``key: ours (paper: theirs)`` for every key of the entry's paper setting that some record does not match."""
+    """``key: ours (paper: theirs)`` for every key of the entry's paper setting that some record of a method the paper
+    reports does not match (rows of other methods, e.g. on another backbone via ``algorithm_overrides``, get no paper
+    number either way and are flagged by ``setting_cautions``)."""
     from .identity import PATH_VALUED, _file_name
 
     want = (paper.get("settings") or {}).get(entry.get("setting"), {})
+    reported = entry.get("results") or {}
+    records = [r for r in records if r.algorithm in reported] if reported else list(records)
     out: List[str] = []
     for key, accepted in want.items():
         accepted = accepted if isinstance(accepted, list) else [accepted]
@@ -178,6 +182,12 @@ def setting_cautions(records: Sequence[CellRecord], configured: Optional[str] = 
             doc = (builder.__doc__ or "").strip().splitlines()[0].rstrip(".")
             lines.append(f"dataset {dataset}: a small packaged stand-in, not one of the paper's datasets; {doc}")
         out += [line for line in lines if line not in out]
+    by_model: Dict[str, set] = {}
+    for r in records:
+        by_model.setdefault(str(r.setting.get("model_args.model")), set()).add(r.algorithm)
+    if len(by_model) > 1:  # benchmark_args.algorithm_overrides gave some methods another backbone
+        out.append("rows use different backbones: " + "; ".join(
+            f"{m} ({', '.join(sorted(a))})" for m, a in sorted(by_model.items())))
     return out
 
 

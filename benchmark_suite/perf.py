@@ -136,6 +136,7 @@ class Bench:
 
         (self.fast_train, self.fast_test), self.extract_s = timed(extract, self.device)
         self.extract_cpu_s = perf_measure.LAST_CPU_S
+        self._stream_sets: Dict[int, Any] = {}
 
     @classmethod
     def build(cls, args: argparse.Namespace) -> "Bench":
@@ -153,12 +154,34 @@ class Bench:
         return Runtime(text=self.text_fast, batch_eval_text=bool(a.batch_eval_text),
                        train_clients_per_call=int(per_call or a.train_clients_per_call), **kw)
 
-    def clients(self, naive: bool):
+    def stream_block(self, name: str) -> Optional[int]:
+        """The cached visual block of a method that trains the top of the image tower (pFedMMA), else None."""
+        from fedml_pfedmoap.algorithms import get_algorithm
+        from .perf_naive import algorithm_params
+
+        cls = get_algorithm(name)
+        block_for = getattr(cls, "stream_block_for", None)
+        params = cls.parse_params(algorithm_params(name, self.args.experts) or {})
+        return None if block_for is None else block_for(self.backbone, params)
+
+    def sets(self, name: str, naive: bool) -> tuple:
+        """(train sets, test sets) of ``name``'s path: raw images (naive) or cached features / stream tokens."""
+        from . import perf_naive as nv
+
+        block = self.stream_block(name)
+        if block is None:
+            return (self.data.train, self.data.test) if naive else (self.fast_train, self.fast_test)
+        if naive:
+            return [s.with_stream(block) for s in self.data.train], [s.with_stream(block) for s in self.data.test]
+        if block not in self._stream_sets:  # one-off extraction of the stream after the unchanged blocks
+            self._stream_sets[block] = tuple([nv.encode_all(self.backbone, s, True, stream_block=block) for s in ss]
+                                             for ss in (self.data.train, self.data.test))
+        return self._stream_sets[block]
+
+    def clients(self, naive: bool, name: str):
         from fedml_pfedmoap.federated.simulator import ClientData
 
-        if naive:
-            return [ClientData(tr, te) for tr, te in zip(self.data.train, self.data.test)]
-        return [ClientData(tr, te) for tr, te in zip(self.fast_train, self.fast_test)]
+        return [ClientData(tr, te) for tr, te in zip(*self.sets(name, naive))]
 
     def make(self, name: str, naive: bool, snap: Optional[Dict[str, Any]] = None, per_call: Optional[int] = None):
         """A fresh algorithm + simulator for one path, optionally restored to a snapshot (server + client states)."""
@@ -169,7 +192,7 @@ class Bench:
         cls = get_algorithm(name)
         cls = naive_algorithm(cls) if naive else cls
         algo = cls(self.runtime(naive, per_call), algorithm_params(name, self.args.experts))
-        sim = Simulator(algo, self.clients(naive), rounds=self.args.whole_run, frac=1.0, seed=self.args.seed,
+        sim = Simulator(algo, self.clients(naive, name), rounds=self.args.whole_run, frac=1.0, seed=self.args.seed,
                         progress=False)
         if snap is not None:
             algo.load_server_state(copy.deepcopy(snap["server"]))
@@ -200,14 +223,19 @@ def logit_check(bench: Bench, name: str, snap: Dict[str, Any], cid: int = 0) -> 
     logits (the train-mode model's forward), optimized vs naive; max |Δlogit|."""
     fast, _ = bench.make(name, naive=False, snap=snap)
     naive, _ = bench.make(name, naive=True, snap=snap)
+    fast_test, naive_test = bench.sets(name, False)[1][cid], bench.sets(name, True)[1][cid]
+    n_test = len(fast_test)
+    fb, nb = fast_test.chunks(n_test).__next__(), naive_test.chunks(n_test).__next__()
+    if hasattr(fast, "eval_logits"):  # adapter methods: evaluation logits from the same state, both paths
+        st = snap["states"].get(cid) or fast.init_client_state(cid)
+        lf, ln = (a.eval_logits(a.eval_payload(cid), copy.deepcopy(st), b) for a, b in ((fast, fb), (naive, nb)))
+        return {"max_abs_dlogit": float((lf - ln).abs().max()), "max_abs_logit": float(ln.abs().max())}
     if not is_prompt_algorithm(fast):  # zero-shot: compare evaluation losses instead
         st = copy.deepcopy(snap["states"].get(cid, {}))
-        rf = fast.evaluate(fast.eval_payload(cid), st, bench.fast_test[cid])
-        rn = naive.evaluate(naive.eval_payload(cid), st, bench.data.test[cid])
+        rf = fast.evaluate(fast.eval_payload(cid), st, fast_test)
+        rn = naive.evaluate(naive.eval_payload(cid), st, naive_test)
         return {"max_abs_dlogit": None, "eval_loss_diff": abs(rf.loss - rn.loss)}
     out: Dict[str, Any] = {}
-    n_test = len(bench.fast_test[cid])
-    fb, nb = bench.fast_test[cid].chunks(n_test).__next__(), bench.data.test[cid].chunks(n_test).__next__()
     diffs = []
     for train in (False, True):
         logits = []

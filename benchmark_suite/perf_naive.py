@@ -8,7 +8,10 @@ The SAME algorithm modules run in both modes; only what they are handed differs 
 * ``NeverHitCache`` — the runtime cache never hits, so frozen derived tensors (expert text features, zero-shot text,
   FedPGP's initial features) are re-encoded whenever asked for (every expert download and every evaluation);
 * ``naive_algorithm(cls)`` — a subclass whose evaluation model re-encodes all class prompts for every test batch
-  (``model(batch)``) instead of ``CoOpModel.scorer`` (text encoded once per evaluation).
+  (``model(batch)``) instead of ``CoOpModel.scorer`` (text encoded once per evaluation);
+* ``RawImageSet.with_stream(k)`` — for methods that train the top of the image tower (pFedMMA): every batch runs
+  the whole image tower from the pixels (visual blocks 1..k included) instead of reading the cached stream after
+  block k, and ``NeverHitCache`` re-runs the lower text blocks over the fixed prompts every step.
 
 It also holds the synthetic, deterministic benchmark data (random uint8 images, pathological one-class-per-client or
 C/N-classes-per-client split) shared by both paths.
@@ -24,7 +27,7 @@ from fedml_pfedmoap.algorithms.promptfl import PromptAlgorithm
 from fedml_pfedmoap.algorithms.protocol import Algorithm
 from fedml_pfedmoap.seeding import make_generator
 from fedml_pfedmoap.clip.backbone import ClipBackbone
-from fedml_pfedmoap.federated.features import Batch, FeatureSet
+from fedml_pfedmoap.federated.features import Batch, FeatureSet, encode_images
 
 
 class RawImageSet(FeatureSet):
@@ -39,17 +42,27 @@ class RawImageSet(FeatureSet):
         self.images, self.labels, self.backbone, self.with_patches = images, labels.long(), backbone, bool(patches)
         self.feats = None  # never cached: see _take
         self.patches = None
+        self.stream_block: Optional[int] = None  # set: batches carry the residual stream after this visual block
 
     def _take(self, idx: torch.Tensor) -> Batch:
-        feats, patches = encode_raw(self.backbone, self.images[idx], self.with_patches)
+        feats, patches = encode_raw(self.backbone, self.images[idx], self.with_patches, self.stream_block)
         return Batch(feats, self.labels[idx].to(feats.device), patches)
+
+    def _like(self, images: torch.Tensor, labels: torch.Tensor, stream_block: Optional[int]) -> "RawImageSet":
+        out = RawImageSet(images, labels, self.backbone, self.with_patches or stream_block is not None)
+        out.stream_block = stream_block
+        return out
+
+    def with_stream(self, block: int) -> "RawImageSet":
+        """The same images, each batch carrying the residual stream after visual ``block`` (computed per batch)."""
+        return self._like(self.images, self.labels, int(block))
 
     def subset(self, idx: Sequence[int]) -> "RawImageSet":
         idx_t = torch.as_tensor(list(idx), dtype=torch.long)
-        return RawImageSet(self.images[idx_t], self.labels[idx_t], self.backbone, self.with_patches)
+        return self._like(self.images[idx_t], self.labels[idx_t], self.stream_block)
 
     def to(self, device: torch.device | str) -> "RawImageSet":
-        return RawImageSet(self.images.to(device), self.labels.to(device), self.backbone, self.with_patches)
+        return self._like(self.images.to(device), self.labels.to(device), self.stream_block)
 
 
 def normalize_images(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tensor:
@@ -61,18 +74,20 @@ def normalize_images(backbone: ClipBackbone, images: torch.Tensor) -> torch.Tens
     return (x - mean) / std
 
 
-def encode_raw(backbone: ClipBackbone, images: torch.Tensor, patches: bool = False):
-    """The frozen image tower on raw images: pooled (B,D) and optionally patch tokens (B,M,D)."""
-    return backbone.encode_image(normalize_images(backbone, images), patches=patches)
+def encode_raw(backbone: ClipBackbone, images: torch.Tensor, patches: bool = False,
+               stream_block: Optional[int] = None):
+    """The frozen image tower on raw images: pooled (B,D) and optionally patch tokens (B,M,D) or the stream."""
+    return encode_images(backbone, normalize_images(backbone, images), patches, stream_block)
 
 
 @torch.no_grad()
-def encode_all(backbone: ClipBackbone, raw: RawImageSet, patches: bool, batch_size: int = 64) -> FeatureSet:
+def encode_all(backbone: ClipBackbone, raw: RawImageSet, patches: bool, batch_size: int = 64,
+               stream_block: Optional[int] = None) -> FeatureSet:
     """The optimized path's one-off feature extraction: every image once, in large batches."""
     feats: List[torch.Tensor] = []
     toks: List[torch.Tensor] = []
     for s in range(0, len(raw), batch_size):
-        f, p = encode_raw(backbone, raw.images[s:s + batch_size], patches)
+        f, p = encode_raw(backbone, raw.images[s:s + batch_size], patches, stream_block)
         feats.append(f.float())
         if patches:
             toks.append(p.float())

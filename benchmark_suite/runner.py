@@ -142,13 +142,17 @@ class GridRunner:
 
     def preflight(self, cells: Sequence[Cell]) -> None:
         """Load every distinct model, dataset and partition once before any run (memoized in ``Resources``), so a
-        missing checkpoint, data folder or impossible split fails before anything is trained or logged."""
+        missing checkpoint, data folder or impossible split fails before anything is trained or logged. Methods that
+        split the image tower (pFedMMA: ViT only) are built on their own, so a ResNet model fails here too."""
+        from fedml_pfedmoap.algorithms import get_algorithm
         from fedml_pfedmoap.experiment import build_experiment
 
         seen = set()
         for c in cells:
             m = c.cfg.model_args
-            key = (c.partition_key, c.cfg.data_args.partition_method, m.model, m.pretrained)
+            splits_tower = hasattr(get_algorithm(c.algorithm), "stream_block_for")
+            key = (c.partition_key, c.cfg.data_args.partition_method, m.model, m.pretrained,
+                   c.algorithm if splits_tower else None)
             if key not in seen:
                 seen.add(key)
                 build_experiment(c.cfg, c.algorithm, c.seed, self.resources, progress=False)

@@ -111,6 +111,8 @@ class BenchmarkArgs:
     seeds: List[int] = field(default_factory=lambda: [0])
     overrides: List[Dict[str, Any]] = field(default_factory=list)
     sweep: Optional[Dict[str, Any]] = None  # {key, values, also?, x?}: one override per value (benchmark_suite/grid.py)
+    # per algorithm name: section.key overrides for that algorithm's cells only (e.g. a ViT model for ViT-only methods)
+    algorithm_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     caution: Optional[str] = None
 
 

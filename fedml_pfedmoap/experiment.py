@@ -58,13 +58,15 @@ class DatasetKey(NamedTuple):
 
 
 class FeatureKey(NamedTuple):
-    """One encoded split: backbone identity, dataset fingerprint, split, transform description, patch tokens."""
+    """One encoded split: backbone identity, dataset fingerprint, split, transform description, patch tokens (the
+    residual stream after visual block ``stream_block`` when that is set)."""
 
     backbone: str
     dataset: str
     split: str
     transform: str
     patches: bool
+    stream_block: Optional[int] = None
 
 
 class TextKey(NamedTuple):
@@ -126,49 +128,57 @@ class Resources:
         return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, ds.classnames, device))
 
     def encoded(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, fn: Callable, desc: str,
-                patches: bool, device: torch.device) -> FeatureSet:
+                patches: bool, device: torch.device, stream_block: Optional[int] = None) -> FeatureSet:
         """A split encoded through ``fn`` (described by ``desc``): memo, then the on-disk feature cache."""
         cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
-        key = FeatureKey(backbone.identity, ds.fingerprint(), split, desc, patches)
+        key = FeatureKey(backbone.identity, ds.fingerprint(), split, desc, patches, stream_block if patches else None)
         return self._memo(self.features, key, lambda: cache.load_or_encode(
-            backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc, patches=patches, device=device).to(device))
+            backbone, ds.fingerprint(), split, getattr(ds, split), fn, desc, patches=patches, device=device,
+            stream_block=stream_block).to(device))
 
     def split_features(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, patches: bool,
-                       device: torch.device, lazy_patches: bool = False) -> FeatureSet:
-        """Cached features of a split; ``lazy_patches``: pooled features cached, patch tokens encoded on the fly."""
+                       device: torch.device, lazy_patches: bool = False,
+                       stream_block: Optional[int] = None) -> FeatureSet:
+        """Cached features of a split; ``lazy_patches``: pooled features cached, patch tokens encoded on the fly;
+        ``stream_block`` k: the tokens are the residual stream after visual block k (clip/towers.py)."""
         size = backbone.image_size
         if split == "train" and cfg.data_args.train_augment != "none":  # online / bank:M (federated/augment.py)
-            return self.augmented_train(cfg, backbone, ds, patches or lazy_patches, device)
+            return self.augmented_train(cfg, backbone, ds, patches or lazy_patches, device, stream_block)
         if cfg.data_args.cifar_transform == "legacy":  # D11 parity, both splits (config.check_cifar_transform)
             fn, desc = cifar_legacy_transform(cfg.data_args.dataset, size)
         elif split == "train":
             fn, desc = train_transform(cfg.data_args.train_augment, size, backbone.image_mean, backbone.image_std)
         else:
             fn, desc = test_transform(size, backbone.image_mean, backbone.image_std)
-        fs = self.encoded(cfg, backbone, ds, split, fn, desc, patches, device)
+        fs = self.encoded(cfg, backbone, ds, split, fn, desc, patches, device, stream_block)
         if lazy_patches:
-            return FeatureSet(fs.feats, fs.labels, LazyPatches(backbone, getattr(ds, split), fn, device=device))
+            return FeatureSet(fs.feats, fs.labels, LazyPatches(backbone, getattr(ds, split), fn, device=device,
+                                                               stream_block=stream_block))
         return fs
 
     def augmented_train(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, patches: bool,
-                        device: torch.device) -> FeatureSet:
+                        device: torch.device, stream_block: Optional[int] = None) -> FeatureSet:
         """The train split under ``train_augment`` online / bank:M (docs/data.md §Preprocessing)."""
         kind, m = parse_augment(cfg.data_args.train_augment)
         size, mean, std = backbone.image_size, backbone.image_mean, backbone.image_std
         aug, desc = train_transform(cfg.data_args.train_augment, size, mean, std)
         clean_fn, clean_desc = test_transform(size, mean, std)
-        clean = self.encoded(cfg, backbone, ds, "train", clean_fn, clean_desc, patches and kind == "bank", device)
+        clean = self.encoded(cfg, backbone, ds, "train", clean_fn, clean_desc, patches and kind == "bank", device,
+                             stream_block)
         if kind == "online":
-            return OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device,
-                                    num_workers=cfg.data_args.num_workers)
+            online = OnlineFeatureSet(clean, ds.train, torch.arange(len(ds.train)), backbone, aug, patches, device,
+                                      num_workers=cfg.data_args.num_workers)
+            online.stream_block = stream_block
+            return online
 
         def bank() -> FeatureSet:
             cache = FeatureCache(Path(cfg.common_args.cache_dir) / "features")
             views, view_patches = bank_views(cache, backbone, ds, aug, desc, m, patches, device,
-                                             seed=cfg.common_args.data_seed)
+                                             seed=cfg.common_args.data_seed, stream_block=stream_block)
             return BankFeatureSet(clean, views, view_patches).to(device)
 
-        return self._memo(self.features, FeatureKey(backbone.identity, ds.fingerprint(), "train", desc, patches), bank)
+        key = FeatureKey(backbone.identity, ds.fingerprint(), "train", desc, patches, stream_block if patches else None)
+        return self._memo(self.features, key, bank)
 
     def clean_train(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, patches: bool,
                     device: torch.device) -> FeatureSet:
@@ -211,10 +221,13 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
                           out_dir=Path(cfg.common_args.cache_dir) / "partitions",
                           **_partition_params(cfg))
     backbone = res.backbone(cfg, device)
-    patches = bool(getattr(algo_cls, "needs_patches", False))
-    lazy = patches and _patches_over_budget(algo_cls.parse_params(params), backbone, ds, device)
-    train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy_patches=lazy)
-    test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy_patches=lazy)
+    hp = algo_cls.parse_params(params)
+    stream_for = getattr(algo_cls, "stream_block_for", None)  # methods that train the top of the image tower
+    block = stream_for(backbone, hp) if stream_for is not None else None
+    patches = bool(getattr(algo_cls, "needs_patches", False)) or block is not None
+    lazy = patches and _patches_over_budget(hp, backbone, ds, device, block)
+    train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy, block)
+    test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy, block)
     rt = Runtime(backbone=backbone, text=res.text(cfg, backbone, ds, device), num_clients=t.client_num_in_total,
                  seed=seed, local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
@@ -244,16 +257,22 @@ def client_data(cfg: Config, part: Partition, ds: ImageDataset, train_fs: Featur
             for i in range(n)]
 
 
-def _patches_over_budget(hp: Any, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> bool:
-    """True when the algorithm's ``patch_cache_gb`` budget (None: unlimited) is below N×M×D×4 bytes (train+test)."""
-    budget = getattr(hp, "patch_cache_gb", None)
+def _patches_over_budget(hp: Any, backbone: ClipBackbone, ds: ImageDataset, device: torch.device,
+                         stream_block: Optional[int] = None) -> bool:
+    """True when the algorithm's ``patch_cache_gb`` (stream tokens: ``token_cache_gb``) budget (None: unlimited) is
+    below N×M×D×4 bytes (train+test); the choice is logged either way for stream tokens."""
+    key = "patch_cache_gb" if stream_block is None else "token_cache_gb"
+    budget = getattr(hp, key, None)
     if budget is None:
         return False
-    m, d = patch_token_shape(backbone, device)
+    m, d = patch_token_shape(backbone, device, stream_block)
     need = patch_cache_bytes(len(ds.train) + len(ds.test), m, d)
+    what = "patch tokens" if stream_block is None else f"residual stream after visual block {stream_block}"
     if need <= budget * 2**30:
+        if stream_block is not None:
+            logger.info("%s: %.3f GB <= %s=%s: cached (memory-mapped when large)", what, need / 2**30, key, budget)
         return False
-    logger.info("patch tokens need %.2f GB > patch_cache_gb=%s: encoding them on the fly", need / 2**30, budget)
+    logger.info("%s needs %.2f GB > %s=%s: encoding on the fly", what, need / 2**30, key, budget)
     return True
 
 

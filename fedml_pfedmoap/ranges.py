@@ -147,6 +147,17 @@ PARAM_RULES: Dict[str, Any] = {
     "ratio": Num(float, 0, 1, open_low=True),
     "local_lengths": Each(INT_POS),
     "local_length_range": Each(INT_POS),
+    # pFedMMA
+    "adapter_dim": INT_POS,
+    "adapter_scale": POS,
+    "adapter_start": Num(int, 1, optional=True),
+    "token_cache_gb": Num(float, 0, optional=True),
+    # FedMGP
+    "groups": INT_POS,
+    "visual_ctx": INT_POS,
+    "topk": INT_POS,
+    "temperature": POS,
+    "div_weight": NONNEG,
 }
 
 

@@ -161,3 +161,28 @@ def test_failed_pre_run_check_leaves_no_mlflow_experiment(tmp_path, data_tree, m
     names, runs = _experiments(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert names == ["Default"] and runs == []
     assert not (tmp_path / "out" / "paper_table1" / "checkpoints").exists()
+
+
+def test_algorithm_overrides_apply_to_that_algorithm_only_and_are_flagged(tmp_path):
+    from benchmark_suite.grid import expand_grid
+    from benchmark_suite.leaderboard import setting_cautions
+    from fedml_pfedmoap.config import load_config
+
+    cfg = paper_table1_small(tmp_path)
+    cells = expand_grid(load_config(cfg, ["benchmark_args.algorithms=[local, pfedmma]"]))
+    model = {c.algorithm: c.cfg.model_args for c in cells}
+    assert (model["local"].model, model["local"].pretrained) == ("tiny-clip", None)
+    assert (model["pfedmma"].model, model["pfedmma"].pretrained) == ("ViT-B-16", "openai")  # as shipped
+    assert all(c.cfg.benchmark_args.algorithm_overrides == {} for c in cells)  # the logged config is this cell alone
+    plain = expand_grid(load_config(cfg, ["benchmark_args.algorithms=[local, pfedmma]",
+                                          "benchmark_args.algorithm_overrides={}"]))
+    assert [c.hash for c in plain][0] == cells[0].hash and plain[1].hash != cells[1].hash
+
+    class Rec:
+        def __init__(self, algorithm, model):
+            self.algorithm, self.dataset = algorithm, "caltech101"
+            self.setting = {"model_args.model": model, "model_args.pretrained": "openai"}
+
+    lines = setting_cautions([Rec("local", "RN50"), Rec("pfedmma", "ViT-B-16"), Rec("fedmgp", "ViT-B-16")])
+    assert lines == ["rows use different backbones: RN50 (local); ViT-B-16 (fedmgp, pfedmma)"]
+    assert setting_cautions([Rec("local", "RN50"), Rec("promptfl", "RN50")]) == []

@@ -189,6 +189,31 @@ def test_perf_cli_small_run_reports_equal_logits(tmp_path):
     assert res["text"]["attention"]["uses_sdpa"]
 
 
+def test_perf_tower_methods_cached_lower_layers_equal_full_towers(tmp_path, tiny_backbone, data):
+    """pFedMMA's optimized path (stream after the unchanged visual block, cached) vs the naive one (whole towers per
+    step): same batches, same logits, same metrics."""
+    from benchmark_suite.cli import main
+    from fedml_pfedmoap.clip.towers import visual_stream
+
+    raw = data.test[0].with_stream(1)
+    cached = nv.encode_all(tiny_backbone, data.test[0], True, stream_block=1)
+    mean = torch.tensor(tiny_backbone.image_mean).view(3, 1, 1)
+    std = torch.tensor(tiny_backbone.image_std).view(3, 1, 1)
+    ref = torch.cat([visual_stream(tiny_backbone, ((im.float() / 255.0 - mean) / std)[None], 1) for im in raw.images])
+    torch.testing.assert_close(cached.patches, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(next(raw.subset([2, 0]).chunks(2)).patches, ref[[2, 0]], atol=1e-5, rtol=1e-5)
+    out = tmp_path / "perf.json"
+    rc = main(["perf", "--scale", "tiny", "--classes", "4", "--clients", "3", "--shots", "2", "--test", "3",
+               "--batch", "2", "--rounds", "2", "--algorithms", "pfedmma,fedmgp", "--threads", "1",
+               "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["algorithms"]
+    assert [r["algorithm"] for r in rows] == ["pfedmma", "fedmgp"]
+    for row in rows:  # FedMGP caches only the ln_pre input tokens (block 0)
+        assert "error" not in row, row
+        assert row["acc_equal"] and row["max_abs_dlogit"] <= 1e-4 and row["speedup_steady"] > 0
+
+
 def test_perf_bad_input_names_the_option():
     from benchmark_suite import perf
 

@@ -84,6 +84,10 @@ def test_only_selects_cells(tmp_path, cache):
                                                      r"unknown key"),
     ({"overrides": [{"algorithm_args.promptfl.lrate": 0.1}]}, r"algorithm_args.promptfl.*lrate"),
     ({"name": "my grid!"}, r"benchmark_args.name"),
+    ({"algorithm_overrides": {"nosuch": {"model_args.model": "ViT-B-16"}}},
+     r"benchmark_args.algorithm_overrides.nosuch: expected a registered algorithm"),
+    ({"algorithms": ["local"], "algorithm_overrides": {"local": {"model_args.modell": "x"}}},
+     r"benchmark_args.algorithm_overrides.local: .*modell"),
 ])
 def test_malformed_grid_fails_before_any_run(tmp_path, cache, bench, expected):
     import re

@@ -2,7 +2,7 @@
 
 The protocol engines call is ``protocol.Algorithm``; ``register_algorithm("x")`` registers a class as ``x``.
 """
-from . import (dpfpl, fedotp, fedpgp, fedpha, fedprox, fedtpg, local, pfedmoap,  # noqa: F401  (registration)
+from . import (dpfpl, fedmgp, fedotp, fedpgp, fedpha, fedprox, fedtpg, local, pfedmma, pfedmoap,  # noqa: F401
                promptfl, promptfolio, zeroshot)
 from .promptfl import PromptAlgorithm
 from .protocol import ALGORITHMS, Algorithm, Runtime, register_algorithm

@@ -40,6 +40,7 @@ class ClientPayload(TypedDict, total=False):
     expert_rounds: List[int]
     global_gate: Dict[str, torch.Tensor]  # pFedMoAP's gate_aggregation: fedavg ablation
     generator: Dict[str, torch.Tensor]  # FedTPG: the prompt generator's parameters
+    shared: Dict[str, torch.Tensor]  # pFedMMA: the global shared projections
 
 
 EvalPayload = ClientPayload  # the payload a client is evaluated with (same keys)
@@ -61,6 +62,7 @@ class Upload(TypedDict, total=False):
     prompt: torch.Tensor  # prompt methods: the trained (possibly privatized) global part
     gate: Dict[str, torch.Tensor]  # pFedMoAP's gate_aggregation: fedavg ablation
     generator: Dict[str, torch.Tensor]  # FedTPG
+    shared: Dict[str, torch.Tensor]  # pFedMMA: the trained shared projections
     metrics: Dict[str, float]  # see UploadMetrics; never counted in bytes_up
 
 
@@ -72,6 +74,7 @@ class ClientState(TypedDict, total=False):
     gate: Dict[str, torch.Tensor]
     moe_trained: bool
     momentum: List[torch.Tensor]  # FedTPG parity_persistent_client_optim
+    adapters: Dict[str, torch.Tensor]  # pFedMMA: the private Down/Up adapters of both towers
     steps: int
 
 
@@ -113,6 +116,16 @@ class EvalResult:
     @property
     def acc(self) -> float:
         return self.correct / max(1, self.total)
+
+
+def score_split(score: Callable[[Any], torch.Tensor], data: FeatureSet, batch_size: int) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``score(batch) -> logits`` over ``data`` in chunks of ``batch_size``."""
+    correct, loss_sum = 0, 0.0
+    for batch in data.chunks(batch_size):
+        logits = score(batch)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+    return EvalResult(correct, len(data), loss_sum / max(1, len(data)))
 
 
 @dataclass

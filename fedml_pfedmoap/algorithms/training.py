@@ -95,3 +95,19 @@ def fit_clients(algo: LocalTrainer, models: Sequence[nn.Module], payloads: Seque
             raise FloatingPointError(
                 f"{algo.name}: non-finite training loss for client {payloads[i]['client_index']}")
     return [t / max(1, n) for t, n in zip(totals, steps)]
+
+
+def fit_one(algo: LocalTrainer, model: nn.Module, payload: Dict[str, Any], data: FeatureSet) -> float:
+    """SGD of one client whose model computes its own loss (``model.loss(batch)``: methods that train inside the
+    towers, pFedMMA and FedMGP); same optimizer and batch stream as ``fit_clients``; returns the mean loss."""
+    opt = make_optimizer(model, algo.hp)
+    total, steps = 0.0, 0
+    for batch in batch_stream(algo, payload, data):
+        loss = model.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, steps = total + float(loss.detach()), steps + 1
+    if steps and not math.isfinite(total):
+        raise FloatingPointError(f"{algo.name}: non-finite training loss for client {payload['client_index']}")
+    return total / max(1, steps)

@@ -22,7 +22,7 @@ import torch
 
 from ..clip.backbone import ClipBackbone
 from ..data.base import ImageDataset, SplitData
-from .features import Batch, FeatureCache, FeatureSet
+from .features import Batch, FeatureCache, FeatureSet, encode_images
 
 
 def _order(n: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list:
@@ -60,7 +60,11 @@ class OnlineFeatureSet(FeatureSet):
     many DataLoader worker processes (pinned memory on CUDA, ``prefetch`` batches ahead per worker) while the image
     tower encodes the current one. Every batch's permutation and crop seed are drawn from the batch generator before
     the epoch starts, in the same order as the in-process path, so the batches are bit-identical for any worker count.
+    ``stream_block`` k (set by the experiment for methods that train the top of the image tower): the batches carry
+    the residual stream after visual block k instead of projected patch tokens.
     """
+
+    stream_block: Optional[int] = None
 
     def __init__(self, clean: FeatureSet, split: SplitData, items: torch.Tensor, backbone: ClipBackbone,
                  transform: Callable, patches: bool, device: torch.device | str, num_workers: int = 0,
@@ -72,7 +76,8 @@ class OnlineFeatureSet(FeatureSet):
 
     @torch.no_grad()
     def encode_images(self, imgs: torch.Tensor, idx: torch.Tensor) -> Batch:
-        feats, toks = self.backbone.encode_image(imgs.to(self.device, non_blocking=True), patches=self.want_patches)
+        feats, toks = encode_images(self.backbone, imgs.to(self.device, non_blocking=True), self.want_patches,
+                                    self.stream_block)
         return Batch(feats.float(), self.labels[idx.to(self.labels.device)],
                      toks.float() if toks is not None else None)
 
@@ -95,8 +100,10 @@ class OnlineFeatureSet(FeatureSet):
             yield self.encode_images(imgs, idx)
 
     def _like(self, clean: FeatureSet, items: torch.Tensor, device: torch.device | str) -> "OnlineFeatureSet":
-        return OnlineFeatureSet(clean, self.split, items, self.backbone, self.transform, self.want_patches, device,
-                                self.num_workers, self.prefetch)
+        out = OnlineFeatureSet(clean, self.split, items, self.backbone, self.transform, self.want_patches, device,
+                               self.num_workers, self.prefetch)
+        out.stream_block = self.stream_block
+        return out
 
     def subset(self, idx: Sequence[int]) -> "OnlineFeatureSet":
         t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
@@ -138,15 +145,16 @@ class BankFeatureSet(FeatureSet):
 
 
 def bank_views(cache: FeatureCache, backbone: ClipBackbone, ds: ImageDataset, transform: Callable, desc: str,
-               num_views: int, patches: bool, device: torch.device | str, seed: int = 0
-               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+               num_views: int, patches: bool, device: torch.device | str, seed: int = 0,
+               stream_block: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Encode (or load) ``num_views`` augmented views of the train split; view m draws its crops from seed (seed, m)."""
     feats, toks = [], []
     for m in range(num_views):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed) * 1000003 + m)
             fs = cache.load_or_encode(backbone, ds.fingerprint(), "train", ds.train, transform,
-                                      f"{desc}:view{m}:seed{seed}", patches=patches, device=device)
+                                      f"{desc}:view{m}:seed{seed}", patches=patches, device=device,
+                                      stream_block=stream_block)
         feats.append(fs.feats)
         if patches:
             toks.append(fs.patches)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..clip.backbone import ClipBackbone
+from ..clip.towers import visual_from_stream, visual_stream
 from ..data.base import SplitData
 from ..fileio import atomic_write_npz
 
@@ -30,11 +31,14 @@ logger = logging.getLogger(__name__)
 class Batch:
     feats: torch.Tensor  # (B,D) pooled image features, unnormalized
     labels: torch.Tensor  # (B,)
-    patches: Optional[torch.Tensor] = None  # (B,M,D) projected patch tokens
+    patches: Optional[torch.Tensor] = None  # (B,M,D) projected patch tokens, or (B,L,W) stream tokens (below)
 
 
 class FeatureSet:
-    """A client's split as tensors: ``batches`` for training, ``chunks`` for evaluation (no shuffle)."""
+    """A client's split as tensors: ``batches`` for training, ``chunks`` for evaluation (no shuffle).
+
+    ``patches`` holds projected patch tokens (FedOTP) or, for methods that train the top of the image tower
+    (``stream_block`` k set when encoding), the residual stream after visual block k (``clip/towers.py``)."""
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, patches: Optional[torch.Tensor] = None) -> None:
         if len(feats) != len(labels):
@@ -76,19 +80,33 @@ class FeatureSet:
         return FeatureSet(self.feats.to(device), self.labels.to(device), p)
 
 
-def cache_key(backbone: ClipBackbone, dataset_fp: str, split: str, transform_desc: str, patches: bool) -> str:
-    blob = json.dumps([backbone.identity, dataset_fp, split, transform_desc, bool(patches)])
+def cache_key(backbone: ClipBackbone, dataset_fp: str, split: str, transform_desc: str, patches: bool,
+              stream_block: Optional[int] = None) -> str:
+    ident = [backbone.identity, dataset_fp, split, transform_desc, bool(patches)]
+    blob = json.dumps(ident if stream_block is None else ident + [f"stream-after-block:{int(stream_block)}"])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
+def encode_images(backbone: ClipBackbone, imgs: torch.Tensor, patches: bool = False,
+                  stream_block: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Pooled features and, if ``patches``, the projected patch tokens or (``stream_block`` k) the fp32 residual
+    stream after visual block k."""
+    if stream_block is None or not patches:
+        return backbone.encode_image(imgs, patches=patches)
+    stream = visual_stream(backbone, imgs.float(), int(stream_block))
+    return visual_from_stream(backbone, stream, int(stream_block)), stream
+
+
+@torch.no_grad()
 def encode_split(backbone: ClipBackbone, split: SplitData, transform: Callable, patches: bool = False,
-                 batch_size: int = 256, device: str | torch.device = "cpu", desc: str = "encode") -> dict:
+                 batch_size: int = 256, device: str | torch.device = "cpu", desc: str = "encode",
+                 stream_block: Optional[int] = None) -> dict:
     """Run the frozen image tower over a whole split (tqdm progress)."""
     pooled, toks = [], []
     for s in tqdm(range(0, len(split), batch_size), desc=desc, leave=False, disable=len(split) < 2 * batch_size):
         imgs = torch.stack([transform(split.image(i)) for i in range(s, min(s + batch_size, len(split)))])
-        f, p = backbone.encode_image(imgs.to(device), patches=patches)
+        f, p = encode_images(backbone, imgs.to(device), patches, stream_block)
         pooled.append(f.float().cpu())
         if patches:
             toks.append(p.float().cpu())
@@ -111,8 +129,8 @@ class FeatureCache:
 
     def load_or_encode(self, backbone: ClipBackbone, dataset_fp: str, split_name: str, split: SplitData,
                        transform: Callable, transform_desc: str, patches: bool = False,
-                       device: str | torch.device = "cpu") -> FeatureSet:
-        key = cache_key(backbone, dataset_fp, split_name, transform_desc, patches)
+                       device: str | torch.device = "cpu", stream_block: Optional[int] = None) -> FeatureSet:
+        key = cache_key(backbone, dataset_fp, split_name, transform_desc, patches, stream_block)
         path = self.root / f"{key}.npz" if self.root else None
         if path is not None and path.exists():
             try:
@@ -128,7 +146,7 @@ class FeatureCache:
                 logger.warning("feature cache %s unreadable (%s); re-encoding", path, err)
         self.misses += 1
         arrays = encode_split(backbone, split, transform, patches=patches, device=device,
-                              desc=f"encode {split_name}")
+                              desc=f"encode {split_name}", stream_block=stream_block)
         if path is not None:
             atomic_write_npz(path, **arrays)
         return _to_featureset(arrays)
@@ -179,10 +197,11 @@ def patch_cache_bytes(num_images: int, num_patches: int, dim: int, bytes_per_val
 
 
 @torch.no_grad()
-def patch_token_shape(backbone: ClipBackbone, device: str | torch.device = "cpu") -> tuple[int, int]:
-    """(M, D) of ``backbone.encode_image(..., patches=True)``, found by encoding one blank image."""
+def patch_token_shape(backbone: ClipBackbone, device: str | torch.device = "cpu",
+                      stream_block: Optional[int] = None) -> tuple[int, int]:
+    """(M, D) of the patch tokens (or (L, W) of the stream after ``stream_block``), found from one blank image."""
     x = torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)
-    _, tokens = backbone.encode_image(x, patches=True)
+    _, tokens = encode_images(backbone, x, True, stream_block)
     return int(tokens.shape[1]), int(tokens.shape[2])
 
 
@@ -195,22 +214,25 @@ class LazyPatches:
     """
 
     def __init__(self, backbone: ClipBackbone, split: SplitData, transform: Callable,
-                 indices: Optional[torch.Tensor] = None, device: str | torch.device = "cpu") -> None:
+                 indices: Optional[torch.Tensor] = None, device: str | torch.device = "cpu",
+                 stream_block: Optional[int] = None) -> None:
         self.backbone, self.split, self.transform, self.device = backbone, split, transform, device
         self.indices = torch.arange(len(split)) if indices is None else indices.reshape(-1).cpu()
+        self.stream_block = stream_block  # set: materialize the residual stream after this visual block
 
     def __len__(self) -> int:
         return int(len(self.indices))
 
     def __getitem__(self, idx) -> "LazyPatches":
         idx = idx.cpu() if isinstance(idx, torch.Tensor) else idx
-        return LazyPatches(self.backbone, self.split, self.transform, self.indices[idx], self.device)
+        return LazyPatches(self.backbone, self.split, self.transform, self.indices[idx], self.device,
+                           self.stream_block)
 
     def to(self, device: str | torch.device) -> "LazyPatches":
-        return LazyPatches(self.backbone, self.split, self.transform, self.indices, device)
+        return LazyPatches(self.backbone, self.split, self.transform, self.indices, device, self.stream_block)
 
     @torch.no_grad()
     def materialize(self) -> torch.Tensor:
         imgs = torch.stack([self.transform(self.split.image(int(i))) for i in self.indices.tolist()])
-        _, tokens = self.backbone.encode_image(imgs.to(self.device), patches=True)
+        _, tokens = encode_images(self.backbone, imgs.to(self.device), True, self.stream_block)
         return tokens.float()
