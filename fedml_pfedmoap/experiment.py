@@ -6,6 +6,8 @@ it (docs/architecture.md §Layers).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,11 @@ from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
 from .config import Config, ConfigError, ModelArgs, resolve_pretrained, validate
 from .data.base import ImageDataset, build_dataset
+from .data.base2novel import Base2NovelSplit, LabelSpace, split_label_id
 from .data.partition import Partition, make_partition
 from .data.transforms import cifar_legacy_transform, parse_augment, test_transform, train_transform
 from .federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
+from .federated.base2novel_eval import Base2NovelEval
 from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
 
@@ -120,9 +124,13 @@ class Resources:
         return self._memo(self.datasets, key, lambda: build_dataset(d.dataset, d.data_root, **opts))
 
     def text(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> TextEncoder:
+        return self.text_of(cfg, backbone, ds.classnames, device)
+
+    def text_of(self, cfg: Config, backbone: ClipBackbone, classnames: Any, device: torch.device) -> TextEncoder:
+        """The memoised text path of one class list (the dataset's, or a base / novel half)."""
         m = cfg.model_args
-        key = TextKey(backbone.identity, tuple(ds.classnames), m.n_ctx, m.truncate_text, m.compile_text)
-        return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, ds.classnames, device))
+        key = TextKey(backbone.identity, tuple(classnames), m.n_ctx, m.truncate_text, m.compile_text)
+        return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, list(classnames), device))
 
     def encoded(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, fn: Callable, desc: str,
                 patches: bool, device: torch.device) -> FeatureSet:
@@ -200,15 +208,22 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     device = resolve_device(cfg)
     ds = res.dataset(cfg)
     d = cfg.data_args
-    part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
-                          out_dir=Path(cfg.common_args.cache_dir) / "partitions",
-                          **_partition_params(cfg))
+    b2n = None
+    if d.protocol == "base2novel":
+        b2n = split_label_id(ds, t.client_num_in_total, cfg.common_args.data_seed, shots=d.shots,
+                             legacy=d.base2novel_legacy)
+        part = _b2n_partition(b2n, cfg)
+    else:
+        part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
+                              out_dir=Path(cfg.common_args.cache_dir) / "partitions",
+                              **_partition_params(cfg))
     backbone = res.backbone(cfg, device)
     patches = bool(getattr(algo_cls, "needs_patches", False))
     lazy = patches and _patches_over_budget(algo_cls.parse_params(params), backbone, ds, device)
     train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy_patches=lazy)
     test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy_patches=lazy)
-    rt = Runtime(backbone=backbone, text=res.text(cfg, backbone, ds, device), num_clients=t.client_num_in_total,
+    run_text = res.text(cfg, backbone, ds, device) if b2n is None else res.text_of(cfg, backbone, b2n.base.names, device)
+    rt = Runtime(backbone=backbone, text=run_text, num_clients=t.client_num_in_total,
                  seed=seed, local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
                  batch_eval_text=t.batch_eval_text, train_clients_per_call=t.train_clients_per_call)
@@ -216,8 +231,13 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     clients = [ClientData(train_fs.subset(part.train[i]), test_fs.subset(part.test[i]))
                for i in range(t.client_num_in_total)]
     frac = t.client_num_per_round / t.client_num_in_total
+    b2n_eval = None if b2n is None else Base2NovelEval(
+        _relabel(test_fs.subset(b2n.base_test), b2n.base), _relabel(test_fs.subset(b2n.novel_test), b2n.novel),
+        res.text_of(cfg, backbone, b2n.novel.names, device))
+    if b2n is not None:  # label_id: base ids are 0..m-1, so train / Local labels are already base-list indices
+        clients = [ClientData(_relabel(c.train, b2n.base), _relabel(c.test, b2n.base)) for c in clients]
     sim = Simulator(algo, clients, rounds=t.comm_round, frac=frac, seed=seed, eval_every=t.eval_every,
-                    progress=progress)
+                    progress=progress, base2novel=b2n_eval)
     return Experiment(cfg, name, seed, ds, part, algo, sim)
 
 
@@ -244,3 +264,22 @@ def _partition_params(cfg: Config) -> Dict[str, Any]:
                 **extra}
     return {"alpha": d.partition_alpha, "min_size": d.min_size, **extra}
 
+
+
+# ---- base-to-novel composition (docs/data.md §Base-to-novel) ------------------------------------------------------
+def _relabel(fs: FeatureSet, space: LabelSpace) -> FeatureSet:
+    """``fs`` with its global label ids mapped to ``space``'s local indices (any label outside it is an error)."""
+    out = copy.copy(fs)
+    out.labels = torch.as_tensor(space.remap(fs.labels.cpu().numpy()), device=fs.labels.device)
+    return out
+
+
+def _b2n_partition(split: Base2NovelSplit, cfg: Config) -> Partition:
+    """The clients' train / Local test indices of a base-to-novel split as a ``Partition`` (content-hashed)."""
+    d = cfg.data_args
+    args = {"protocol": "base2novel", "convention": split.convention, "legacy": d.base2novel_legacy,
+            "shots": d.shots, "clients": split.num_clients, "data_seed": cfg.common_args.data_seed}
+    h = hashlib.sha256(repr(sorted(args.items())).encode())
+    for a in [*split.train, *split.local_test, split.base_test, split.novel_test]:
+        h.update(a.astype("int64").tobytes() + b"|")
+    return Partition(f"b2n-{h.hexdigest()[:12]}", args, list(split.train), list(split.local_test))

@@ -34,3 +34,6 @@ def run_summary(acc_by_round: List[float]) -> Dict[str, float]:
         return {}
     a = np.asarray(acc_by_round, dtype=np.float64)
     return {name: float(v) for name, v in zip(SUMMARY_METRICS, (a[-1], a[-5:].mean(), a.max()))}
+
+
+B2N_METRICS = ("acc_local", "acc_base", "acc_novel", "acc_hm")  # base-to-novel rounds (docs/algorithms.md)
