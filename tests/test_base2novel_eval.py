@@ -118,3 +118,13 @@ def test_legacy_needs_label_id_and_flip_is_rejected(quick_cfg):
     quick_cfg.data_args.base2novel_convention = "flip"
     with pytest.raises(ConfigError, match="data_args.base2novel_convention"):
         validate(quick_cfg)
+
+
+def test_cross_silo_rejects_base2novel_naming_the_key(quick_cfg):
+    from types import SimpleNamespace
+
+    from fedml_pfedmoap.fedml_plugin.cross_silo import run_cross_silo
+
+    quick_cfg.data_args.protocol = "base2novel"
+    with pytest.raises(ConfigError, match="data_args.protocol"):
+        run_cross_silo(SimpleNamespace(cfg=quick_cfg), SimpleNamespace(rank=0, worker_num=1))
