@@ -101,6 +101,10 @@ def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, 
     return out
 
 
+B2N_NOTE = ("Base-to-novel (docs/algorithms.md §Base-to-novel): Local = each client's model on its own base classes "
+            "(logits over all base classes, the same number as acc_last), Base = on the full base test set, Novel = on "
+            "the full novel test set with the novel class names only, each averaged over clients at the final "
+            "evaluated round; HM = 3-way harmonic mean, averaged over seeds.")
 B2N_TITLES = {"acc_local": "Local", "acc_base": "Base", "acc_novel": "Novel", "acc_hm": "HM"}
 
 
@@ -222,6 +226,8 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
         b2n = [c for c in B2N_METRICS if all(c in r for r in rows)]
         head = (["algorithm"] + [B2N_TITLES[c] for c in b2n] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
                 + (["privacy: run ε, exact (PLD) / zCDP bound"] if private else []) + ([pcol] if pcol else []))
+        if b2n:
+            lines += [B2N_NOTE, ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in b2n + cols}
         pvals = {r["algorithm"]: (entry["results"].get(r["algorithm"]) if entry else None) for r in rows}
