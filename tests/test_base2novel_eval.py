@@ -21,14 +21,28 @@ def _b2n(cfg, rounds=1):
     return cfg
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS.names()))
-def test_novel_evaluation_sees_only_novel_names(quick_cfg, monkeypatch, name):
-    """Every text-tower call made while the engine scores the novel test set encodes novel class names only, and
-    there is at least one (a method reusing base-class features would make none)."""
-    from fedml_pfedmoap.experiment import build_experiment
+def _nine_digits(digits):
+    """digits without "nine": N = 9, so base (zero..four) and novel (five..eight) differ in size."""
+    from fedml_pfedmoap.data.base import ArraySplit, ImageDataset
 
-    exp = build_experiment(_b2n(quick_cfg), name, progress=False)
+    def cut(split):
+        keep = split.labels < 9
+        return ArraySplit(split.images[keep], split.labels[keep], "digits9")
+
+    return ImageDataset("digits", digits.classnames[:9], cut(digits.train), cut(digits.test), template=digits.template)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS.names()))
+def test_novel_evaluation_sees_only_novel_names(quick_cfg, digits, monkeypatch, name):
+    """Every text-tower call made while the engine scores the novel test set encodes novel class names only, and
+    there is at least one (a method reusing base-class features would make none). Halves of unequal size (5 / 4)."""
+    from fedml_pfedmoap.experiment import Resources, build_experiment
+
+    res = Resources()
+    monkeypatch.setattr(res, "dataset", lambda cfg: _nine_digits(digits))
+    exp = build_experiment(_b2n(quick_cfg), name, resources=res, progress=False)
     ev = exp.simulator.base2novel
+    assert len(ev.novel_text.classnames) == 4 and len(exp.algorithm.rt.text.classnames) == 5
     novel = set(ev.novel_text.classnames)
     base = set(exp.algorithm.rt.text.classnames)
     assert novel and base and not novel & base
