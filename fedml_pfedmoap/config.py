@@ -282,9 +282,6 @@ def check_protocol(cfg: Config) -> None:
     if d.base2novel_convention not in B2N_CONVENTIONS:
         raise ConfigError(f"data_args.base2novel_convention: expected one of {list(B2N_CONVENTIONS)}, "
                           f"got {d.base2novel_convention!r}")
-    if d.protocol == "base2novel" and d.base2novel_convention == "flip":
-        raise ConfigError("data_args.base2novel_convention: 'flip' (the global model scored on base and novel) is not "
-                          "supported by the engines yet; use 'label_id'")
     if d.base2novel_legacy and d.base2novel_convention != "label_id":
         raise ConfigError("data_args.base2novel_legacy: the seed-2023 replay exists for the 'label_id' convention only")
 

@@ -21,7 +21,7 @@ from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
 from .config import Config, ConfigError, ModelArgs, resolve_pretrained, validate
 from .data.base import ImageDataset, build_dataset
-from .data.base2novel import Base2NovelSplit, LabelSpace, split_label_id
+from .data.base2novel import Base2NovelSplit, LabelSpace, split_flip, split_label_id
 from .data.partition import Partition, make_partition
 from .data.transforms import cifar_legacy_transform, parse_augment, test_transform, train_transform
 from .federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
@@ -210,8 +210,7 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     d = cfg.data_args
     b2n = None
     if d.protocol == "base2novel":
-        b2n = split_label_id(ds, t.client_num_in_total, cfg.common_args.data_seed, shots=d.shots,
-                             legacy=d.base2novel_legacy)
+        b2n = _b2n_split(ds, cfg)
         part = _b2n_partition(b2n, cfg)
     else:
         part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
@@ -233,8 +232,8 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     frac = t.client_num_per_round / t.client_num_in_total
     b2n_eval = None if b2n is None else Base2NovelEval(
         _relabel(test_fs.subset(b2n.base_test), b2n.base), _relabel(test_fs.subset(b2n.novel_test), b2n.novel),
-        res.text_of(cfg, backbone, b2n.novel.names, device))
-    if b2n is not None:  # label_id: base ids are 0..m-1, so train / Local labels are already base-list indices
+        res.text_of(cfg, backbone, b2n.novel.names, device), b2n.convention)
+    if b2n is not None:  # every label in the base list's local indices (flip: sorted-name order)
         clients = [ClientData(_relabel(c.train, b2n.base), _relabel(c.test, b2n.base)) for c in clients]
     sim = Simulator(algo, clients, rounds=t.comm_round, frac=frac, seed=seed, eval_every=t.eval_every,
                     progress=progress, base2novel=b2n_eval)
@@ -274,11 +273,20 @@ def _relabel(fs: FeatureSet, space: LabelSpace) -> FeatureSet:
     return out
 
 
+def _b2n_split(ds: ImageDataset, cfg: Config) -> Base2NovelSplit:
+    d, k, seed = cfg.data_args, cfg.train_args.client_num_in_total, cfg.common_args.data_seed
+    if d.base2novel_convention == "flip":
+        return split_flip(ds, k, seed, shots=d.shots, alpha=d.partition_alpha, min_size=d.min_size)
+    return split_label_id(ds, k, seed, shots=d.shots, legacy=d.base2novel_legacy)
+
+
 def _b2n_partition(split: Base2NovelSplit, cfg: Config) -> Partition:
     """The clients' train / Local test indices of a base-to-novel split as a ``Partition`` (content-hashed)."""
     d = cfg.data_args
     args = {"protocol": "base2novel", "convention": split.convention, "legacy": d.base2novel_legacy,
             "shots": d.shots, "clients": split.num_clients, "data_seed": cfg.common_args.data_seed}
+    if split.convention == "flip":
+        args.update(alpha=d.partition_alpha, min_size=d.min_size)
     h = hashlib.sha256(repr(sorted(args.items())).encode())
     for a in [*split.train, *split.local_test, split.base_test, split.novel_test]:
         h.update(a.astype("int64").tobytes() + b"|")

@@ -127,11 +127,52 @@ def test_bad_values_name_the_key(quick_cfg, key, value, msg):
         validate(quick_cfg)
 
 
-def test_legacy_needs_label_id_and_flip_is_rejected(quick_cfg):
+def test_legacy_needs_label_id(quick_cfg):
     quick_cfg.data_args.protocol = "base2novel"
     quick_cfg.data_args.base2novel_convention = "flip"
-    with pytest.raises(ConfigError, match="data_args.base2novel_convention"):
+    quick_cfg.data_args.base2novel_legacy = True
+    with pytest.raises(ConfigError, match="data_args.base2novel_legacy"):
         validate(quick_cfg)
+
+
+def test_flip_scores_the_global_model_by_hand(quick_cfg, digits):
+    """flip, zero-shot: Base / Novel over the sorted-name halves against a hand-written cosine argmax; 2-way HM."""
+    from fedml_pfedmoap.experiment import Resources, build_experiment
+
+    res = Resources()
+    cfg = _b2n(quick_cfg)
+    cfg.data_args.base2novel_convention = "flip"
+    cfg.data_args.min_size = 2
+    exp = build_experiment(cfg, "zeroshot", resources=res, progress=False)
+    m = exp.simulator.run_round(0)
+    backbone = next(iter(res.backbones.values()))
+    test = res.split_features(cfg, backbone, digits, "test", False, torch.device("cpu"))
+    labels = digits.test.labels
+    order = sorted(range(10), key=lambda j: digits.classnames[j])  # eight five four nine one | seven six three two zero
+    halves = order[:5], order[5:]
+    accs = []
+    for ids in halves:
+        text = TextEncoder(backbone, [digits.classnames[i] for i in ids]).template_features(digits.template)
+        keep = np.isin(labels, ids)
+        local = torch.as_tensor([ids.index(int(y)) for y in labels[keep]])
+        accs.append(_hand_acc(test.feats[keep], local, text))
+    assert [digits.classnames[i] for i in halves[0]] == ["eight", "five", "four", "nine", "one"]
+    assert m["acc_base"] == pytest.approx(accs[0], abs=1e-6)
+    assert m["acc_novel"] == pytest.approx(accs[1], abs=1e-6)
+    assert m["acc_hm"] == pytest.approx(2.0 / (1.0 / accs[0] + 1.0 / accs[1]), rel=1e-6)
+    assert "acc_local" not in m
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS.names()))
+def test_flip_round_runs_for_every_algorithm(quick_cfg, name):
+    from fedml_pfedmoap.experiment import build_experiment
+
+    cfg = _b2n(quick_cfg)
+    cfg.data_args.base2novel_convention = "flip"
+    cfg.data_args.min_size = 2
+    m = build_experiment(cfg, name, progress=False).simulator.run_round(0)
+    assert 0.0 <= m["acc_novel"] <= 1.0 and 0.0 <= m["acc_base"] <= 1.0
+    assert m["acc_hm"] == pytest.approx(2.0 / (1.0 / m["acc_base"] + 1.0 / m["acc_novel"]), rel=1e-12)
 
 
 def test_cross_silo_rejects_base2novel_naming_the_key(quick_cfg):
