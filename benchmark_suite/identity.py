@@ -36,6 +36,7 @@ RESULT_KEYS = frozenset({
     "data_args.dataset", "data_args.layout", "data_args.partition_method", "data_args.shots",
     "data_args.partition_alpha", "data_args.min_size", "data_args.clients_per_domain", "data_args.train_augment",
     "data_args.cifar_transform", "data_args.dataset_options", "data_args.partition_options",
+    "data_args.protocol", "data_args.base2novel_convention", "data_args.base2novel_legacy",
     "model_args.model", "model_args.pretrained", "model_args.n_ctx", "model_args.force_quick_gelu",
     "model_args.truncate_text", "model_args.precision",
     "train_args.client_num_in_total", "train_args.client_num_per_round", "train_args.comm_round",

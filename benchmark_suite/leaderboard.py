@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from fedml_pfedmoap.federated.metrics import (EXTRA_ROUND_METRICS, PRIVACY_METRICS, ROUND_METRICS, SUMMARY_METRICS,
-                                             VALIDATION_METRICS)
+from fedml_pfedmoap.federated.metrics import (B2N_METRICS, EXTRA_ROUND_METRICS, PRIVACY_METRICS, ROUND_METRICS,
+                                             SUMMARY_METRICS, VALIDATION_METRICS)
 from fedml_pfedmoap.tracking import MlflowLogger
 
 from .grid import Cell, CellRecord, expand_grid
@@ -50,7 +50,7 @@ def _record_from_run(tracker: MlflowLogger, run: Any) -> CellRecord:
 
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
     steps: Dict[int, Dict[str, float]] = {}
-    for key in [k for k in ROUND_METRICS + EXTRA_ROUND_METRICS if k in metrics]:
+    for key in [k for k in ROUND_METRICS + EXTRA_ROUND_METRICS + B2N_METRICS if k in metrics]:
         for step, value in tracker.metric_history(rid, key):
             steps.setdefault(step, {"round": step})[key] = value
     client_acc: List[float] = []
@@ -93,12 +93,28 @@ def table_rows(records: Sequence[CellRecord], headline: str) -> Dict[Tuple[str, 
             for c in cols:
                 vals = [_last(r, "acc_bottom10") if c == "acc_bottom10" else r.summary.get(c) for r in recs]
                 row[c] = mean_std([v for v in vals if v is not None])
+            row.update(b2n_columns(recs))
             row["comm"] = tuple(mean_std([x[k] for r in recs for x in r.rounds if k in x])[0]
                                 for k in ("bytes_up", "bytes_down"))
             row["privacy"] = privacy_cell(recs)
             rows.append(row)
         out[g] = rows
     return out
+
+
+B2N_NOTE = ("Base-to-novel (docs/algorithms.md §Base-to-novel): Local = each client's model on its own base classes "
+            "(logits over all base classes, the same number as acc_last), Base = on the full base test set, Novel = on "
+            "the full novel test set with the novel class names only, each averaged over clients at the final "
+            "evaluated round; HM = 3-way harmonic mean, averaged over seeds.")
+B2N_TITLES = {"acc_local": "Local", "acc_base": "Base", "acc_novel": "Novel", "acc_hm": "HM"}
+
+
+def b2n_columns(recs: Sequence[CellRecord]) -> Dict[str, Tuple[float, float, int]]:
+    """Base-to-novel cells: Local / Base / Novel / HM of the final evaluated round, mean ± std over seeds (the HM
+    column averages each seed's HM); empty for label-shift cells."""
+    if not any(_last(r, "acc_hm") is not None for r in recs):
+        return {}
+    return {c: mean_std([v for v in (_last(r, c) for r in recs) if v is not None]) for c in B2N_METRICS}
 
 
 def validated(records: Sequence[CellRecord]) -> bool:
@@ -227,15 +243,18 @@ def markdown(records: Sequence[CellRecord], headline: str, title: str, caution: 
         differs = setting_mismatch(paper, entry, [r for r in records if r.group == g]) if entry else []
         pcol = f"paper ({entry['table']})" if entry and not differs else None
         private = any(r["privacy"] for r in rows)
-        head = (["algorithm"] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
+        b2n = [c for c in B2N_METRICS if all(c in r for r in rows)]
+        head = (["algorithm"] + [B2N_TITLES[c] for c in b2n] + [COLUMN_TITLES[c] for c in cols] + ["KB up / down per participant-round", "seeds"]
                 + (["privacy: run ε, exact (PLD) / zCDP bound"] if private else []) + ([pcol] if pcol else []))
+        if b2n:
+            lines += [B2N_NOTE, ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in cols}
+        best = {c: max((r[c][0] for r in rows if r[c][2]), default=None) for c in b2n + cols}
         pvals = {r["algorithm"]: (entry["results"].get(r["algorithm"]) if entry else None) for r in rows}
         pbest = max((v[0] for v in pvals.values() if v), default=None)
         for r in rows:
             cells = [r["algorithm"]]
-            for c in cols:
+            for c in b2n + cols:
                 txt = _pct(r[c])
                 cells.append(f"**{txt}**" if r[c][2] and best[c] is not None and r[c][0] == best[c] else txt)
             up, down = r["comm"]
@@ -274,7 +293,7 @@ def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
     return "\n".join(out)
 
 
-CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_METRICS,
+CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_METRICS, *B2N_METRICS,
                *SUMMARY_METRICS, "cell_hash", "run_id", "partition_hash", "git_commit"]
 
 
@@ -291,7 +310,7 @@ def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
                     **{k: repr(float(r.summary[k])) for k in SUMMARY_METRICS if k in r.summary}}
             for rnd in r.rounds:
                 w.writerow({**base, "round": int(rnd["round"]),
-                            **{k: repr(float(rnd[k])) for k in ROUND_METRICS if k in rnd}})
+                            **{k: repr(float(rnd[k])) for k in ROUND_METRICS + B2N_METRICS if k in rnd}})
     return path
 
 

@@ -47,6 +47,9 @@ class DataArgs:
     val_fraction: float = 0.0  # >0: that share of each client's training items held out for model selection
     dataset_options: Dict[str, Any] = field(default_factory=dict)
     partition_options: Dict[str, Any] = field(default_factory=dict)  # extra partitioner kwargs (remainder, ...)
+    protocol: str = "label_shift"  # label_shift | base2novel (docs/data.md §Base-to-novel)
+    base2novel_convention: str = "label_id"  # label_id | flip
+    base2novel_legacy: bool = False  # label_id: replay the released code's seed-2023 draws
 
 
 @dataclass
@@ -268,7 +271,24 @@ def validate(cfg: Config) -> None:
     check_precision(cfg)
     check_participation(cfg)
     check_cifar_transform(cfg)
+    check_protocol(cfg)
     check_ranges(cfg)
+
+
+PROTOCOLS = ("label_shift", "base2novel")  # data_args.protocol
+B2N_CONVENTIONS = ("label_id", "flip")  # data_args.base2novel_convention (data/base2novel.CONVENTIONS)
+
+
+def check_protocol(cfg: Config) -> None:
+    """``data_args.protocol`` and the base-to-novel keys (docs/data.md §Base-to-novel)."""
+    d = cfg.data_args
+    if d.protocol not in PROTOCOLS:
+        raise ConfigError(f"data_args.protocol: expected one of {list(PROTOCOLS)}, got {d.protocol!r}")
+    if d.base2novel_convention not in B2N_CONVENTIONS:
+        raise ConfigError(f"data_args.base2novel_convention: expected one of {list(B2N_CONVENTIONS)}, "
+                          f"got {d.base2novel_convention!r}")
+    if d.base2novel_legacy and d.base2novel_convention != "label_id":
+        raise ConfigError("data_args.base2novel_legacy: the seed-2023 replay exists for the 'label_id' convention only")
 
 
 PACKAGE_PREFIX = "package:"

@@ -6,6 +6,8 @@ it (docs/architecture.md §Layers).
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,12 @@ from .clip.backbone import ClipBackbone, load_clip
 from .clip.prompt import TextEncoder
 from .config import Config, ConfigError, ModelArgs, resolve_pretrained, validate
 from .data.base import ImageDataset, build_dataset
+from .data.base2novel import Base2NovelSplit, LabelSpace, split_flip, split_label_id
 from .data.partition import Partition, make_partition
 from .data.transforms import cifar_legacy_transform, parse_augment, test_transform, train_transform
 from .data.validation import validation_split
 from .federated.augment import BankFeatureSet, OnlineFeatureSet, bank_views
+from .federated.base2novel_eval import Base2NovelEval
 from .federated.features import FeatureCache, FeatureSet, LazyPatches, patch_cache_bytes, patch_token_shape
 from .federated.simulator import ClientData, Simulator
 
@@ -123,9 +127,13 @@ class Resources:
         return self._memo(self.datasets, key, lambda: build_dataset(d.dataset, d.data_root, **opts))
 
     def text(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, device: torch.device) -> TextEncoder:
+        return self.text_of(cfg, backbone, ds.classnames, device)
+
+    def text_of(self, cfg: Config, backbone: ClipBackbone, classnames: Any, device: torch.device) -> TextEncoder:
+        """The memoised text path of one class list (the dataset's, or a base / novel half)."""
         m = cfg.model_args
-        key = TextKey(backbone.identity, tuple(ds.classnames), m.n_ctx, m.truncate_text, m.compile_text)
-        return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, ds.classnames, device))
+        key = TextKey(backbone.identity, tuple(classnames), m.n_ctx, m.truncate_text, m.compile_text)
+        return self._memo(self.texts, key, lambda: make_text_encoder(m, backbone, list(classnames), device))
 
     def encoded(self, cfg: Config, backbone: ClipBackbone, ds: ImageDataset, split: str, fn: Callable, desc: str,
                 patches: bool, device: torch.device, stream_block: Optional[int] = None) -> FeatureSet:
@@ -217,9 +225,14 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     device = resolve_device(cfg)
     ds = res.dataset(cfg)
     d = cfg.data_args
-    part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
-                          out_dir=Path(cfg.common_args.cache_dir) / "partitions",
-                          **_partition_params(cfg))
+    b2n = None
+    if d.protocol == "base2novel":
+        b2n = _b2n_split(ds, cfg)
+        part = _b2n_partition(b2n, cfg)
+    else:
+        part = make_partition(ds, d.partition_method, t.client_num_in_total, cfg.common_args.data_seed,
+                              out_dir=Path(cfg.common_args.cache_dir) / "partitions",
+                              **_partition_params(cfg))
     backbone = res.backbone(cfg, device)
     hp = algo_cls.parse_params(params)
     stream_for = getattr(algo_cls, "stream_block_for", None)  # methods that train the top of the image tower
@@ -228,7 +241,9 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     lazy = patches and _patches_over_budget(hp, backbone, ds, device, block)
     train_fs = res.split_features(cfg, backbone, ds, "train", patches and not lazy, device, lazy, block)
     test_fs = res.split_features(cfg, backbone, ds, "test", patches and not lazy, device, lazy, block)
-    rt = Runtime(backbone=backbone, text=res.text(cfg, backbone, ds, device), num_clients=t.client_num_in_total,
+    run_text = res.text(cfg, backbone, ds, device) if b2n is None else res.text_of(cfg, backbone, b2n.base.names,
+                                                                                   device)
+    rt = Runtime(backbone=backbone, text=run_text, num_clients=t.client_num_in_total,
                  seed=seed, local_epochs=t.epochs, batch_size=t.batch_size, template=ds.template, device=device,
                  eval_batch_size=t.eval_batch_size, rounds=t.comm_round,
                  batch_eval_text=t.batch_eval_text, train_clients_per_call=t.train_clients_per_call)
@@ -236,8 +251,14 @@ def build_experiment(cfg: Config, algorithm: Optional[str] = None, seed: Optiona
     clients = client_data(cfg, part, ds, train_fs, test_fs,
                           lambda: res.clean_train(cfg, backbone, ds, patches and not lazy, device))
     frac = t.client_num_per_round / t.client_num_in_total
+    b2n_eval = None if b2n is None else Base2NovelEval(
+        _relabel(test_fs.subset(b2n.base_test), b2n.base), _relabel(test_fs.subset(b2n.novel_test), b2n.novel),
+        res.text_of(cfg, backbone, b2n.novel.names, device), b2n.convention)
+    if b2n is not None:  # every label in the base list's local indices (flip: sorted-name order)
+        clients = [ClientData(_relabel(c.train, b2n.base), _relabel(c.test, b2n.base),
+                              None if c.val is None else _relabel(c.val, b2n.base)) for c in clients]
     sim = Simulator(algo, clients, rounds=t.comm_round, frac=frac, seed=seed, eval_every=t.eval_every,
-                    progress=progress, dropout=t.client_dropout)
+                    progress=progress, dropout=t.client_dropout, base2novel=b2n_eval)
     return Experiment(cfg, name, seed, ds, part, algo, sim)
 
 
@@ -286,3 +307,31 @@ def _partition_params(cfg: Config) -> Dict[str, Any]:
                 **extra}
     return {"alpha": d.partition_alpha, "min_size": d.min_size, **extra}
 
+
+
+# ---- base-to-novel composition (docs/data.md §Base-to-novel) ------------------------------------------------------
+def _relabel(fs: FeatureSet, space: LabelSpace) -> FeatureSet:
+    """``fs`` with its global label ids mapped to ``space``'s local indices (any label outside it is an error)."""
+    out = copy.copy(fs)
+    out.labels = torch.as_tensor(space.remap(fs.labels.cpu().numpy()), device=fs.labels.device)
+    return out
+
+
+def _b2n_split(ds: ImageDataset, cfg: Config) -> Base2NovelSplit:
+    d, k, seed = cfg.data_args, cfg.train_args.client_num_in_total, cfg.common_args.data_seed
+    if d.base2novel_convention == "flip":
+        return split_flip(ds, k, seed, shots=d.shots, alpha=d.partition_alpha, min_size=d.min_size)
+    return split_label_id(ds, k, seed, shots=d.shots, legacy=d.base2novel_legacy)
+
+
+def _b2n_partition(split: Base2NovelSplit, cfg: Config) -> Partition:
+    """The clients' train / Local test indices of a base-to-novel split as a ``Partition`` (content-hashed)."""
+    d = cfg.data_args
+    args = {"protocol": "base2novel", "convention": split.convention, "legacy": d.base2novel_legacy,
+            "shots": d.shots, "clients": split.num_clients, "data_seed": cfg.common_args.data_seed}
+    if split.convention == "flip":
+        args.update(alpha=d.partition_alpha, min_size=d.min_size)
+    h = hashlib.sha256(repr(sorted(args.items())).encode())
+    for a in [*split.train, *split.local_test, split.base_test, split.novel_test]:
+        h.update(a.astype("int64").tobytes() + b"|")
+    return Partition(f"b2n-{h.hexdigest()[:12]}", args, list(split.train), list(split.local_test))

@@ -28,7 +28,8 @@ from ..seeding import normal_prompt
 from .coop import CoOpModel
 from .personal import PersonalParams, PersonalPromptAlgorithm
 from .protocol import PromptParams, Runtime, register_algorithm
-from .text_paths import EncoderCache
+from ..clip.prompt import TextEncoder
+from .text_paths import EncoderCache, OwnEncoders
 
 
 @dataclass
@@ -121,7 +122,7 @@ class FedPHAModel(CoOpModel):
 
 
 @register_algorithm("fedpha")
-class FedPHA(PersonalPromptAlgorithm):
+class FedPHA(OwnEncoders, PersonalPromptAlgorithm):
     """P_G is downloaded, trained and uploaded (FedAvg, n-weighted); P_L (any length) never leaves the client.
 
     Parameters (``algorithm_args.fedpha``): see ``FedPHAParams``; SGD lr 0.001 (CIFAR-100: 0.002), momentum 0.9,
@@ -146,6 +147,9 @@ class FedPHA(PersonalPromptAlgorithm):
         self.lengths = self._resolve_lengths()
         self.max_len = max([runtime.text.n_ctx, *self.lengths]) if self.hp.parity_eot_maxlen else None
         self.rt = dataclasses.replace(runtime, text=self.encoders.get(runtime.text.n_ctx, max_eot_ctx=self.max_len))
+
+    def text_over(self, text: TextEncoder) -> TextEncoder:
+        return self.encoders.get(self.shape[0], text.classnames, max_eot_ctx=self.max_len)
 
     def initial_prompt(self) -> torch.Tensor:
         return normal_prompt(self.shape, self.rt.seed, "ctx-init")  # the shared init of every method

@@ -26,7 +26,8 @@ from ..seeding import make_generator, normal_prompt
 from .coop import CoOpModel
 from .promptfl import PromptAlgorithm, fedavg
 from .protocol import PromptParams, Runtime, register_algorithm
-from .text_paths import EncoderCache
+from ..clip.prompt import TextEncoder
+from .text_paths import EncoderCache, OwnEncoders
 
 SCHEDULES = ("cosine", "constant")
 
@@ -122,7 +123,7 @@ class FedTPGModel(CoOpModel):
 
 
 @register_algorithm("fedtpg")
-class FedTPG(PromptAlgorithm):
+class FedTPG(OwnEncoders, PromptAlgorithm):
     """The generator is downloaded, trained one local epoch, uploaded whole and averaged (sample-weighted by default).
 
     Parameters (``algorithm_args.fedtpg``): see ``FedTPGParams``; SGD lr 0.003 (cosine over rounds), momentum 0.9,
@@ -136,6 +137,9 @@ class FedTPG(PromptAlgorithm):
         super().__init__(runtime, params)
         self.encoders = EncoderCache(runtime)
         self.rt = dataclasses.replace(runtime, text=self.encoders.get(self.hp.n_ctx))
+
+    def text_over(self, text: TextEncoder) -> TextEncoder:
+        return self.encoders.get(self.hp.n_ctx, text.classnames)
 
     # ---- generator and class-name embeddings
     def new_generator(self) -> PromptGenerator:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, TypedDict, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, TypedDict, TypeVar
 
 import torch
 
@@ -211,6 +212,24 @@ class Algorithm(ABC):
 
     def before_eval(self, payloads: Dict[int, EvalPayload], states: Dict[int, ClientState]) -> None:
         """Called once per evaluation round with every client's eval payload and state (batching hook; no-op)."""
+
+    # ---- another label space (base-to-novel; docs/algorithms.md §Base-to-novel) ---------------------------------
+    def text_over(self, text: TextEncoder) -> TextEncoder:
+        """The run-level text path over ``text``'s class list (a method with its own encoders rebuilds it)."""
+        return text
+
+    @contextmanager
+    def over_classes(self, text: TextEncoder) -> Iterator[None]:
+        """Inside: every text path of this algorithm reads ``text``'s class names (the engine evaluates novel classes
+        here). ``Runtime.text`` is swapped and ``Runtime.cache`` replaced by an empty one, so no tensor derived from
+        the run's class list can be reused; both are restored on exit."""
+        rt = self.rt
+        saved = rt.text, rt.cache
+        rt.text, rt.cache = self.text_over(text), {}
+        try:
+            yield
+        finally:
+            rt.text, rt.cache = saved
 
 
 ALGORITHMS: Registry[type] = Registry("algorithm")

@@ -8,7 +8,8 @@ for the life of the algorithm object. ``MaxLengthEOTEncoder`` reproduces FedPHA'
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +47,23 @@ class EncoderCache:
     def __init__(self, rt: Runtime) -> None:
         self.base = rt.text
         self.device = rt.device
+        self.names: Tuple[str, ...] = tuple(rt.text.classnames)  # the default class list (swapped by ``over``)
         self._items: Dict[Tuple, TextEncoder] = {}
+
+    @contextmanager
+    def over(self, classnames: Sequence[str]) -> Iterator[None]:
+        """Inside: ``get(n, None)`` means ``classnames`` (an evaluation over another label space)."""
+        saved, self.names = self.names, tuple(classnames)
+        try:
+            yield
+        finally:
+            self.names = saved
 
     def get(self, n_ctx: int, classnames: Optional[Sequence[str]] = None,
             max_eot_ctx: Optional[int] = None) -> TextEncoder:
         """The encoder of ``n_ctx``-token prompts over ``classnames`` (default: the run's); ``max_eot_ctx``: the
         parity encoder tokenized with that many placeholders instead (``MaxLengthEOTEncoder``)."""
-        names = tuple(c.replace("_", " ") for c in (classnames if classnames is not None else self.base.classnames))
+        names = tuple(c.replace("_", " ") for c in (classnames if classnames is not None else self.names))
         if max_eot_ctx is not None and max_eot_ctx == n_ctx:
             max_eot_ctx = None  # the longest prompts are tokenized correctly either way
         if max_eot_ctx is None and n_ctx == self.base.n_ctx and list(names) == list(self.base.classnames):
@@ -68,3 +79,15 @@ class EncoderCache:
             enc.autocast_dtype = getattr(self.base, "autocast_dtype", None)
             self._items[key] = enc
         return self._items[key]
+
+
+class OwnEncoders:
+    """Mixin of an algorithm whose text paths come from ``self.encoders`` (an ``EncoderCache``): evaluation over
+    another class list also switches the cache's default class list."""
+
+    encoders: EncoderCache
+
+    @contextmanager
+    def over_classes(self, text: TextEncoder) -> Iterator[None]:
+        with self.encoders.over(text.classnames), super().over_classes(text):  # type: ignore[misc]
+            yield

@@ -59,3 +59,6 @@ def selection_summary(rounds: Sequence[Dict[str, float]]) -> Dict[str, float]:
         return {}
     best = scored[int(np.argmax([float(r["acc_val_mean"]) for r in scored]))]  # argmax: first of equal maxima
     return {"acc_val_selected": float(best["acc_mean"]), "round_val_selected": int(best["round"])}
+
+
+B2N_METRICS = ("acc_local", "acc_base", "acc_novel", "acc_hm")  # base-to-novel rounds (docs/algorithms.md)

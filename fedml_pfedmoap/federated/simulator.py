@@ -19,6 +19,7 @@ import torch
 
 from ..algorithms.protocol import Algorithm
 from ..privacy import run_accounting
+from .base2novel_eval import Base2NovelEval, score_base2novel
 from .features import FeatureSet
 from .metrics import client_summary, dropout_metrics, run_summary, selection_summary, validation_summary
 from .schedule import RoundSchedule, upload_summary
@@ -58,8 +59,9 @@ class Simulator:
 
     def __init__(self, algorithm: Algorithm, clients: Sequence[ClientData], rounds: int, frac: float = 1.0,
                  seed: int = 0, eval_every: int = 1, on_round: Optional[Callable[[Dict[str, Any], "Simulator"], None]] = None,
-                 progress: bool = True, dropout: float = 0.0) -> None:
+                 progress: bool = True, dropout: float = 0.0, base2novel: Optional[Base2NovelEval] = None) -> None:
         self.algo = algorithm
+        self.base2novel = base2novel  # data_args.protocol base2novel: Base / Novel / HM beside Local
         self.clients = list(clients)
         self.rounds = int(rounds)
         self.seed = int(seed)
@@ -123,6 +125,9 @@ class Simulator:
             metrics.update(client_summary(accs, ns))
             metrics.update(validation_summary([self.algo.evaluate(payloads[c], self.state(c), self.clients[c].val).acc
                                                for c in self.validated()]))
+            if self.base2novel is not None:
+                metrics.update(score_base2novel(self.algo, payloads, {c: self.state(c) for c in payloads}, accs,
+                                                self.base2novel))
             metrics["test_loss"] = float(np.average(losses, weights=np.maximum(ns, 1)))
             metrics["time_eval_s"] = time.perf_counter() - t1
             self.result.client_acc.append(accs)

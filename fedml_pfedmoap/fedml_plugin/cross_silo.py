@@ -310,11 +310,21 @@ def run_dir(cfg: Any) -> Path:
     return Path(cfg.common_args.output_dir) / cfg.common_args.run_name
 
 
+def check_protocol_supported(cfg: Any) -> None:
+    """Base-to-novel scoring (Base / Novel / HM) runs in the simulator only; reject it before any peer waits."""
+    from ..errors import ConfigError
+
+    if cfg.data_args.protocol != "label_shift":
+        raise ConfigError(f"data_args.protocol: {cfg.data_args.protocol!r} is supported by the simulator only "
+                          "(training_type: simulation or pfedmoap-bench); the cross-silo engine runs label_shift")
+
+
 def run_cross_silo(pc: Any, args: Any) -> None:
     """One cross-silo process (server: rank 0; worker: rank 1..W) behind ``FedMLRunner``; returns when the run ends."""
     from .watchdog import install_comm_hooks
 
     cfg = pc.cfg
+    check_protocol_supported(cfg)
     rank, workers = int(args.rank), int(args.worker_num)
     startup = cfg.comm_args.startup_timeout_s
     peers = range(1, workers + 1) if rank == 0 else [0]
