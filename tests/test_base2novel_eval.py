@@ -1,6 +1,7 @@
 """Base-to-novel end to end (docs/algorithms.md §Base-to-novel): composition, per-method novel scoring with the novel
 class names only (every registered algorithm), hand-computed Local / Base / Novel / HM, config validation."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedml_pfedmoap.algorithms import ALGORITHMS
+from fedml_pfedmoap.clip import towers
 from fedml_pfedmoap.clip.prompt import TextEncoder
 from fedml_pfedmoap.config import ConfigError, validate
 from fedml_pfedmoap.federated import base2novel_eval
@@ -34,8 +36,9 @@ def _nine_digits(digits):
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS.names()))
 def test_novel_evaluation_sees_only_novel_names(quick_cfg, digits, monkeypatch, name):
-    """Every text-tower call made while the engine scores the novel test set encodes novel class names only, and
-    there is at least one (a method reusing base-class features would make none). Halves of unequal size (5 / 4)."""
+    """Every text-tower call made while the engine scores the novel test set (the CoOp path's ``TextEncoder._run`` and
+    the split tower's tokenized fixed prompts) encodes novel class names only, and there is at least one (a method
+    reusing base-class features would make none). Halves of unequal size (5 / 4)."""
     from fedml_pfedmoap.experiment import Resources, build_experiment
 
     res = Resources()
@@ -46,13 +49,18 @@ def test_novel_evaluation_sees_only_novel_names(quick_cfg, digits, monkeypatch, 
     novel = set(ev.novel_text.classnames)
     base = set(exp.algorithm.rt.text.classnames)
     assert novel and base and not novel & base
-    phase, seen = {"novel": False}, []
-    run, scores = TextEncoder._run, base2novel_eval._scores
+    phase, seen, prompts = {"novel": False}, [], []
+    run, scores, tokenize = TextEncoder._run, base2novel_eval._scores, towers._tokenize
 
     def spy_run(self, *a, **k):
         if phase["novel"]:
             seen.append(tuple(self.classnames))
         return run(self, *a, **k)
+
+    def spy_tokenize(model_name, texts):  # the split text tower's fixed prompts (pFedMMA)
+        if phase["novel"]:
+            prompts.extend(texts)
+        return tokenize(model_name, texts)
 
     def spy_scores(algo, payloads, states, data):
         phase["novel"] = data is ev.novel_test
@@ -63,9 +71,12 @@ def test_novel_evaluation_sees_only_novel_names(quick_cfg, digits, monkeypatch, 
 
     monkeypatch.setattr(TextEncoder, "_run", spy_run)
     monkeypatch.setattr(base2novel_eval, "_scores", spy_scores)
+    monkeypatch.setattr(towers, "_tokenize", spy_tokenize)
     m = exp.simulator.run_round(0)
-    assert seen, f"{name}: no text-tower call during the novel evaluation"
+    assert seen or prompts, f"{name}: no text-tower call during the novel evaluation"
     leaked = {c for names in seen for c in names} - novel
+    leaked |= {b for b in base for p in prompts if re.search(rf"\b{re.escape(b)}\b", p)}
+    assert not prompts or any(re.search(rf"\b{re.escape(n)}\b", p) for n in novel for p in prompts)
     assert not leaked, f"{name}: base class names {sorted(leaked)} reached the novel evaluation"
     assert {"acc_local", "acc_base", "acc_novel", "acc_hm"} <= set(m)
     assert m["acc_local"] == pytest.approx(m["acc_mean"])

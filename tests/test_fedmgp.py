@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip import get_tokenizer
 
 from fedml_pfedmoap.algorithms import get_algorithm
 from fedml_pfedmoap.algorithms.fedmgp import FedMGPModel, mean_pair_l1, rank_aligned_slots, select_groups
@@ -65,7 +66,7 @@ def test_rank_slots_averaged_by_hand_and_written_back():
 def test_cached_input_tokens_equal_full_vit_with_appended_prompts(tiny_backbone, runtime):
     algo = get_algorithm("fedmgp")(runtime, {"groups": 3})
     init = algo.initial_groups()
-    model = FedMGPModel(runtime, algo.hp, init["text"], init["vis"])
+    model = FedMGPModel(algo.rt, algo.hp, init["text"], init["vis"])
     imgs = torch.randn(2, 3, 32, 32, generator=make_generator(2, "imgs"))
     _, tokens = encode_images(tiny_backbone, imgs, True, 0)
     got = model.image_features(tokens)
@@ -84,7 +85,7 @@ def test_cached_input_tokens_equal_full_vit_with_appended_prompts(tiny_backbone,
 def test_diversity_sign(runtime, sign):
     algo = get_algorithm("fedmgp")(runtime, {"groups": 3, "div_sign": sign})
     init = algo.initial_groups()
-    model = FedMGPModel(runtime, algo.hp, init["text"], init["vis"])
+    model = FedMGPModel(algo.rt, algo.hp, init["text"], init["vis"])
     _, tokens = encode_images(runtime.backbone, torch.randn(2, 3, 32, 32, generator=make_generator(3, "i")), True, 0)
     batch = Batch(None, torch.tensor([0, 2]), tokens)
     text = model.text_features()
@@ -143,3 +144,32 @@ def test_quickstart_run(quick_cfg):
     assert ex.simulator.clients[0].train.patches.shape[1:] == (17, 64)  # ln_pre tokens of mini-clip (32 px, patch 8)
     res = ex.simulator.run()
     assert all(math.isfinite(r["train_loss"]) and 0.0 <= r["acc_mean"] <= 1.0 for r in res.rounds)
+
+
+def test_group_text_is_the_ctx_init_prompt_and_follows_over_classes(tiny_backbone, runtime):
+    """Every group at "a photo" (no noise) equals open_clip's encode_text of "a photo of a {name}."; inside
+    ``over_classes`` the groups are encoded over the other class list (base-to-novel), restored on exit."""
+    algo = get_algorithm("fedmgp")(runtime, {"groups": 2})
+    photo = _ctx_init(tiny_backbone)
+    model = FedMGPModel(algo.rt, algo.hp, photo.expand(2, -1, -1), algo.initial_groups()["vis"])
+
+    def ref(names):
+        tokens = get_tokenizer(tiny_backbone.name)([f"a photo of a {n}." for n in names])
+        with torch.no_grad():
+            return F.normalize(tiny_backbone.model.encode_text(tokens).float(), dim=-1)
+
+    with torch.no_grad():
+        assert (model.text_features()[1] - ref(["cat", "dog", "bird"])).abs().max() <= 1e-5
+        with algo.over_classes(TextEncoder(tiny_backbone, ["fish", "horse"])):
+            novel = FedMGPModel(algo.rt, algo.hp, photo.expand(2, -1, -1), algo.initial_groups()["vis"])
+            assert algo.rt.text.classnames == ["fish", "horse"]
+            assert (novel.text_features()[0] - ref(["fish", "horse"])).abs().max() <= 1e-5
+    assert algo.rt.text.classnames == ["cat", "dog", "bird"] and algo.rt.text.fixed == "of a"
+    with pytest.raises(ValueError, match="FedMGP"):
+        FedMGPModel(runtime, algo.hp, photo.expand(2, -1, -1), algo.initial_groups()["vis"])
+
+
+def _ctx_init(backbone):
+    from fedml_pfedmoap.algorithms.fedmgp import init_text_ctx
+
+    return init_text_ctx(backbone, "a photo")

@@ -191,6 +191,30 @@ def test_stale_text_cache_parity_switch(tiny_backbone, runtime):
     assert fresh.evaluate(fresh.client_payload(0), st, data).loss != pytest.approx(first.loss)
 
 
+def test_novel_classes_scored_by_the_full_client_model(tiny_backbone, runtime):
+    """Inside ``over_classes`` the client's model (shared + its own adapters) scores the novel names: logits equal a
+    fresh algorithm built on a novel-name runtime; the stale-text parity switch keeps one first evaluation per class
+    list, so the base list's text never reaches the novel scoring."""
+    novel = TextEncoder(tiny_backbone, ["fish", "horse"], n_ctx=4)
+    data = stream_set(tiny_backbone, 6, 9)
+    data = FeatureSet(data.feats, data.labels % 2, data.patches)
+    ref_algo = get_algorithm("pfedmma")(Runtime(backbone=tiny_backbone, text=novel, num_clients=3, seed=0), {})
+    ref_algo.init_server()
+    for params in ({}, {"parity_stale_text_cache": True}):
+        algo = get_algorithm("pfedmma")(runtime, params)
+        algo.init_server()
+        st = algo.init_client_state(1)
+        for k, p in st["adapters"].items():  # a client whose own adapters differ from the init
+            p.add_(0.05 * torch.randn(p.shape, generator=make_generator(4, k)))
+        base = algo.evaluate(algo.client_payload(1), st, stream_set(tiny_backbone, 6, 9))
+        with algo.over_classes(novel):
+            got = algo.evaluate(algo.client_payload(1), st, data)
+        want = ref_algo.evaluate(ref_algo.client_payload(1), st, data)
+        assert got.loss == pytest.approx(want.loss, rel=1e-6) and got.correct == want.correct
+        assert algo.evaluate(algo.client_payload(1), st, stream_set(tiny_backbone, 6, 9)).loss == pytest.approx(
+            base.loss, rel=1e-6)
+
+
 def test_resnet_rejected_naming_the_model():
     from types import SimpleNamespace
 

@@ -11,6 +11,7 @@ participant selected at rank r. The image tower's input tokens (ln_pre of class 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -25,6 +26,7 @@ from ..federated.features import Batch, FeatureSet
 from ..seeding import make_generator
 from .promptfl import fedavg
 from .protocol import Algorithm, EvalResult, PromptParams, Runtime, register_algorithm, score_split
+from .text_paths import EncoderCache
 from .training import fit_one
 
 MODALITIES = ("text", "vis")
@@ -77,16 +79,6 @@ class FedMGPParams(PromptParams):
             raise ValueError(f"{where}.dp: differential privacy is not implemented for FedMGP; remove the dp key")
 
 
-def group_text_encoder(rt: Runtime, hp: FedMGPParams) -> TextEncoder:
-    """"X … X {fixed_text} {name}." with one X per word piece of ``ctx_init``, once per process and class list."""
-    n = len(init_text_ctx(rt.backbone, hp.ctx_init))
-    key = ("fedmgp-text", rt.backbone.identity, tuple(rt.text.classnames), hp.fixed_text, n)
-    if key not in rt.cache:
-        names = [f"{hp.fixed_text} {c}".strip() for c in rt.text.classnames]
-        rt.cache[key] = TextEncoder(rt.backbone, names, n_ctx=n).to(rt.device)
-    return rt.cache[key]
-
-
 @torch.no_grad()
 def init_text_ctx(backbone: ClipBackbone, words: str) -> torch.Tensor:
     """The token embeddings of ``words`` (n, W), without SOT/EOT."""
@@ -104,7 +96,10 @@ class FedMGPModel(nn.Module):
         self.rt, self.hp = rt, hp
         self.text = nn.Parameter(text.detach().clone().float().to(rt.device))  # (G, n_t, W_t)
         self.vis = nn.Parameter(vis.detach().clone().float().to(rt.device))  # (G, n_v, W_v)
-        self.encoder = group_text_encoder(rt, hp)
+        self.encoder = rt.text  # FedMGP's group encoder (``FedMGP.rt``; inside ``over_classes``: the evaluated names)
+        if self.encoder.n_ctx != self.text.shape[1] or getattr(self.encoder, "fixed", "") != hp.fixed_text.strip():
+            raise ValueError(f"FedMGPModel: the runtime's text path is not FedMGP's group encoder ({self.text.shape[1]} "
+                             f"ctx tokens, then {hp.fixed_text!r}); build the model on FedMGP(...).rt")
 
     def param_groups(self, hp: PromptParams) -> List[Dict[str, Any]]:
         return [{"params": [self.text, self.vis], "lr": hp.lr}]
@@ -144,6 +139,17 @@ class FedMGP(Algorithm):
     """Prompt groups per client; k groups per modality selected, rank-aligned averaging into k global slots."""
 
     Params = FedMGPParams
+
+    def __init__(self, runtime: Runtime, params: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__(runtime, params)
+        self.n_text_ctx = len(init_text_ctx(runtime.backbone, self.hp.ctx_init))
+        self.encoders = EncoderCache(runtime)
+        self.rt = dataclasses.replace(runtime, text=self.text_over(runtime.text))
+
+    def text_over(self, text: TextEncoder) -> TextEncoder:
+        """The group encoder ("X … X {fixed_text} {name}.", one X per word piece of ``ctx_init``) over ``text``'s
+        class names: the run's, or the novel ones inside ``over_classes``."""
+        return self.encoders.get(self.n_text_ctx, text.classnames, fixed=self.hp.fixed_text)
 
     @classmethod
     def stream_block_for(cls, backbone: ClipBackbone, hp: FedMGPParams) -> int:

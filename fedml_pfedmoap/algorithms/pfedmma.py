@@ -226,12 +226,15 @@ class PFedMMA(Algorithm):
                 "metrics": {"train_loss": loss}}
 
     def eval_text(self, model: PFedMMAModel) -> torch.Tensor:
-        """The client's own text features; ``parity_stale_text_cache``: the first evaluation's, reused forever."""
-        stale = getattr(self, "_stale_text", None) if self.hp.parity_stale_text_cache else None
-        text = model.text_features() if stale is None else stale
-        if self.hp.parity_stale_text_cache and stale is None:
-            self._stale_text = text
-        return text
+        """The client's own text features over ``rt.text``'s class names; ``parity_stale_text_cache``: the first
+        evaluation's over the same class list, reused forever (a novel class list gets its own first evaluation)."""
+        if not self.hp.parity_stale_text_cache:
+            return model.text_features()
+        stale: Dict[tuple, torch.Tensor] = self.__dict__.setdefault("_stale_text", {})
+        names = tuple(self.rt.text.classnames)
+        if names not in stale:
+            stale[names] = model.text_features()
+        return stale[names]
 
     @torch.no_grad()
     def eval_logits(self, payload: Dict[str, Any], state: Dict[str, Any], batch: Batch) -> torch.Tensor:

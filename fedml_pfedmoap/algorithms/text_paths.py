@@ -60,19 +60,24 @@ class EncoderCache:
             self.names = saved
 
     def get(self, n_ctx: int, classnames: Optional[Sequence[str]] = None,
-            max_eot_ctx: Optional[int] = None) -> TextEncoder:
+            max_eot_ctx: Optional[int] = None, fixed: str = "") -> TextEncoder:
         """The encoder of ``n_ctx``-token prompts over ``classnames`` (default: the run's); ``max_eot_ctx``: the
-        parity encoder tokenized with that many placeholders instead (``MaxLengthEOTEncoder``)."""
+        parity encoder tokenized with that many placeholders instead (``MaxLengthEOTEncoder``); ``fixed``: frozen
+        words between the ctx and each name (FedMGP's "of a")."""
         names = tuple(c.replace("_", " ") for c in (classnames if classnames is not None else self.names))
         if max_eot_ctx is not None and max_eot_ctx == n_ctx:
             max_eot_ctx = None  # the longest prompts are tokenized correctly either way
-        if max_eot_ctx is None and n_ctx == self.base.n_ctx and list(names) == list(self.base.classnames):
+        fixed = fixed.strip()
+        if max_eot_ctx is not None and fixed:
+            raise ValueError("EncoderCache.get: fixed words are not supported with max_eot_ctx")
+        if (max_eot_ctx is None and n_ctx == self.base.n_ctx and list(names) == list(self.base.classnames)
+                and fixed == getattr(self.base, "fixed", "")):
             return self.base
-        key = (int(n_ctx), names, max_eot_ctx)
+        key = (int(n_ctx), names, max_eot_ctx, fixed)
         if key not in self._items:
             truncate = bool(getattr(self.base, "truncate", True))
             if max_eot_ctx is None:
-                enc = TextEncoder(self.base.backbone, names, n_ctx=int(n_ctx), truncate=truncate)
+                enc = TextEncoder(self.base.backbone, names, n_ctx=int(n_ctx), truncate=truncate, fixed=fixed)
             else:
                 enc = MaxLengthEOTEncoder(self.base.backbone, names, int(max_eot_ctx), truncate=truncate)
             enc = enc.to(self.device)

@@ -1,9 +1,9 @@
 """The CoOp text path on a frozen open_clip text tower (Zhou et al., IJCV 2022; docs/algorithms.md §Shared setting).
 
-``TextEncoder`` tokenizes ``"X X ... X {name}."`` once per class list, keeps the frozen SOT embedding (prefix) and the
-class-name/EOT/padding embeddings (suffix), and maps learnable context tensors ``ctx`` of shape ``(..., n_ctx, W)``
-to text features ``(..., C, D)``: prefix + ctx + suffix -> + positional -> causal transformer -> ln_final -> EOT token
--> text_projection, exactly like ``encode_text``.
+``TextEncoder`` tokenizes ``"X X ... X {name}."`` (or ``"X ... X {fixed} {name}."``) once per class list, keeps the
+frozen SOT embedding (prefix) and the fixed-word/class-name/EOT/padding embeddings (suffix), and maps learnable
+context tensors ``ctx`` of shape ``(..., n_ctx, W)`` to text features ``(..., C, D)``: prefix + ctx + suffix ->
++ positional -> causal transformer -> ln_final -> EOT token -> text_projection, exactly like ``encode_text``.
 
 Exact fast path: the transformer is causal, so tokens after the EOT never influence it; every sequence is truncated to
 ``L* = max EOT position + 1`` across the classes (docs/performance.md). Several prompts (experts, FedOTP's pair)
@@ -33,15 +33,17 @@ class TextEncoder(nn.Module):
     autocast_dtype: Optional[torch.dtype] = None  # model_args.precision: bf16 -> autocast around the text tower
 
     def __init__(self, backbone: ClipBackbone, classnames: Sequence[str], n_ctx: int = 16,
-                 truncate: bool = True) -> None:
+                 truncate: bool = True, fixed: str = "") -> None:
         super().__init__()
         self.backbone = backbone
         model = backbone.model
         self.classnames = [c.replace("_", " ") for c in classnames]
         self.n_ctx = int(n_ctx)
+        self.fixed = fixed.strip()  # frozen words between the ctx and the name (part of the suffix)
         self.tokenizer = get_open_clip().get_tokenizer(backbone.name)
         self.truncate = bool(truncate) and _is_causal(getattr(model, "attn_mask", None))
-        prompts = [" ".join(["X"] * self.n_ctx) + f" {name}." for name in self.classnames]
+        prompts = [" ".join(["X"] * self.n_ctx + ([self.fixed] if self.fixed else [])) + f" {name}."
+                   for name in self.classnames]
         tokens = self.tokenizer(prompts)
         self.register_buffer("tokens", tokens, persistent=False)
         eot = tokens.argmax(dim=-1)
