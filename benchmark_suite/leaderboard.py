@@ -293,8 +293,8 @@ def console_table(records: Sequence[CellRecord], caution: Optional[str]) -> str:
     return "\n".join(out)
 
 
-CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_METRICS, *B2N_METRICS,
-               *SUMMARY_METRICS, "cell_hash", "run_id", "partition_hash", "git_commit"]
+CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed", "round", *ROUND_METRICS,
+               *SUMMARY_METRICS, *B2N_METRICS, "cell_hash", "run_id", "partition_hash", "git_commit"]
 
 
 def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
