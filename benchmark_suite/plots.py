@@ -43,15 +43,7 @@ def accuracy_vs_round(records: Sequence[Any], title: str, path: Path) -> Path:
         s = np.array([np.std(per_round[k]) for k in t])
         ax.plot(t + 1, m, marker="o", ms=3, label=algo)
         ax.fill_between(t + 1, m - s, m + s, alpha=0.15)
-    ax.set_xlabel("round")
-    ax.set_ylabel("acc_mean (%)")
-    ax.set_title(f"accuracy vs round: {title}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_lines(plt, fig, ax, "round", "acc_mean (%)", f"accuracy vs round: {title}", path)
 
 
 def accuracy_vs_value(records: Sequence[Any], points: Mapping[str, float], metric: str, key: str, title: str,
@@ -74,9 +66,14 @@ def accuracy_vs_value(records: Sequence[Any], points: Mapping[str, float], metri
     ax.set_xscale("log")
     ax.set_xticks(sorted(set(float(v) for v in points.values())))
     ax.set_xticklabels([f"{v:g}" for v in sorted(set(float(v) for v in points.values()))])
-    ax.set_xlabel(key)
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"accuracy vs {key}: {title}", fontsize=9)
+    return _save_lines(plt, fig, ax, key, f"{metric} (%)", f"accuracy vs {key}: {title}", path)
+
+
+def _save_lines(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, grid and legend of a one-line-per-algorithm plot; written to ``path`` and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
