@@ -3,8 +3,9 @@ FedML would) and compare per-round metrics and final client states with the in-p
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -12,34 +13,58 @@ from fedml_helpers import write_config
 from tree_compare import deep_equal
 
 
-def adapters_match_simulator(tmp_path: Path, algorithm: str, params: Dict[str, Any], rounds: int = 2,
-                             clients: int = 4, per_round: int = 3, train_args: Optional[Dict[str, Any]] = None,
-                             data_args: Optional[Dict[str, Any]] = None) -> list:
+@dataclass
+class Rig:
+    """The FedML cross-silo adapters in one process: the plugin config, FedML's namespace, the simulator's reference
+    run, one experiment for the server half and one for the workers, the aggregator and one trainer per worker."""
+
+    pc: Any
+    ns: Any
+    ref: Any
+    ref_result: Any
+    srv_exp: Any
+    cli_exp: Any
+    server: Any
+    workers: List[Any]
+
+
+def in_process_rig(tmp_path: Path, overrides: Dict[str, Dict[str, Any]]) -> Rig:
+    """``cross_silo_mpi.yaml`` with ``overrides``, tracking off; the reference simulator run is done here."""
     from fedml_pfedmoap.experiment import Resources, build_experiment
-    from fedml_pfedmoap.federated.schedule import sample_clients
     from fedml_pfedmoap.fedml_plugin.config import load_plugin_config, to_fedml_namespace
     from fedml_pfedmoap.fedml_plugin.cross_silo import PersonalizedClientTrainer, PersonalizedServerAggregator
     from fedml_pfedmoap.fedml_plugin.metrics_log import RoundLogger
-    from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
 
-    cfg_path = write_config(tmp_path, "cross_silo_mpi.yaml", {
-        "train_args": {"federated_optimizer": algorithm, "comm_round": rounds, "client_num_in_total": clients,
-                       "client_num_per_round": per_round, "epochs": 1, **(train_args or {})},
-        "model_args": {"n_ctx": 4}, "algorithm_args": {algorithm: params}, "data_args": data_args or {},
-        "device_args": {"worker_num": per_round}})
-    pc = load_plugin_config(cfg_path)
+    pc = load_plugin_config(write_config(tmp_path, "cross_silo_mpi.yaml", overrides))
     pc.cfg.tracking_args.mlflow_tracking_uri = None
+    t = pc.cfg.train_args
     res = Resources()
     ref = build_experiment(pc.cfg, progress=False, resources=res)
     ref_result = ref.simulator.run()
     ns = to_fedml_namespace(pc)
-    srv = build_experiment(pc.cfg, progress=False, resources=res).algorithm
-    cli = build_experiment(pc.cfg, progress=False, resources=res)
+    srv_exp = build_experiment(pc.cfg, progress=False, resources=res)
+    cli_exp = build_experiment(pc.cfg, progress=False, resources=res)
+    server = PersonalizedServerAggregator(None, ns, srv_exp.algorithm, t.client_num_in_total, t.client_num_per_round,
+                                          t.comm_round, 0, 1, RoundLogger(pc.cfg, "x"), tmp_path / "run", run_tag="t",
+                                          dropout=t.client_dropout)
+    workers = [PersonalizedClientTrainer(None, ns, cli_exp.algorithm, cli_exp.simulator.clients, tmp_path / "state",
+                                         k + 1) for k in range(t.client_num_per_round)]
+    return Rig(pc, ns, ref, ref_result, srv_exp, cli_exp, server, workers)
+
+
+def adapters_match_simulator(tmp_path: Path, algorithm: str, params: Dict[str, Any], rounds: int = 2,
+                             clients: int = 4, per_round: int = 3, train_args: Optional[Dict[str, Any]] = None,
+                             data_args: Optional[Dict[str, Any]] = None) -> list:
+    from fedml_pfedmoap.federated.schedule import sample_clients
+    from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
+
+    rig = in_process_rig(tmp_path, {
+        "train_args": {"federated_optimizer": algorithm, "comm_round": rounds, "client_num_in_total": clients,
+                       "client_num_per_round": per_round, "epochs": 1, **(train_args or {})},
+        "model_args": {"n_ctx": 4}, "algorithm_args": {algorithm: params}, "data_args": data_args or {},
+        "device_args": {"worker_num": per_round}})
+    ns, ref, ref_result, server, workers = rig.ns, rig.ref, rig.ref_result, rig.server, rig.workers
     frac = per_round / clients
-    server = PersonalizedServerAggregator(None, ns, srv, clients, per_round, rounds, 0, 1, RoundLogger(pc.cfg, "x"),
-                                          tmp_path / "run", run_tag="t", dropout=pc.cfg.train_args.client_dropout)
-    workers = [PersonalizedClientTrainer(None, ns, cli.algorithm, cli.simulator.clients, tmp_path / "state", k + 1)
-               for k in range(per_round)]
     downloads = server.get_model_params()
     for r in range(rounds + 1):  # the training rounds + the evaluation round
         sel = list(server.selection)

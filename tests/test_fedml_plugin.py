@@ -92,27 +92,16 @@ def test_state_store_roundtrip_weights_only(tmp_path):
 def test_adapters_match_simulator_with_clients_moving_between_workers(tmp_path):
     """Server + 3 trainer objects driven like FedML would (worker k serves a rotating client): metrics and final states
     equal the in-process simulator's; the gate persisted by one worker is continued by another."""
-    from fedml_pfedmoap.experiment import Resources, build_experiment
+    from cross_silo_compare import in_process_rig
+
     from fedml_pfedmoap.federated.schedule import sample_clients
-    from fedml_pfedmoap.fedml_plugin.cross_silo import (PersonalizedClientTrainer, PersonalizedServerAggregator,
-                                                        ProtocolError)
+    from fedml_pfedmoap.fedml_plugin.cross_silo import PersonalizedServerAggregator, ProtocolError
     from fedml_pfedmoap.fedml_plugin.metrics_log import RoundLogger
     from fedml_pfedmoap.fedml_plugin.state import ClientStateStore
 
-    cfg_path = write_config(tmp_path, "cross_silo_mpi.yaml", {"train_args": {
-        "comm_round": 3, "client_num_in_total": 4, "client_num_per_round": 3}})
-    pc = load_plugin_config(cfg_path)
-    pc.cfg.tracking_args.mlflow_tracking_uri = None
-    res = Resources()
-    ref = build_experiment(pc.cfg, progress=False, resources=res)
-    ref_result = ref.simulator.run()
-    ns = to_fedml_namespace(pc)
-    srv_exp = build_experiment(pc.cfg, progress=False, resources=res)
-    cli_exp = build_experiment(pc.cfg, progress=False, resources=res)
-    server = PersonalizedServerAggregator(None, ns, srv_exp.algorithm, 4, 3, 3, 0, 1, RoundLogger(pc.cfg, "x"),
-                                          tmp_path / "run", run_tag="t")
-    workers = [PersonalizedClientTrainer(None, ns, cli_exp.algorithm, cli_exp.simulator.clients, tmp_path / "state", k + 1)
-               for k in range(3)]
+    rig = in_process_rig(tmp_path, {"train_args": {"comm_round": 3, "client_num_in_total": 4, "client_num_per_round": 3}})
+    pc, ns, ref, ref_result, srv_exp = rig.pc, rig.ns, rig.ref, rig.ref_result, rig.srv_exp
+    server, workers = rig.server, rig.workers
     from fedml_pfedmoap.algorithms import get_algorithm
 
     for name, params in (("pfedmoap", {"pool_snapshot": "live"}), ("fedotp", {"round0_all_clients": True})):
