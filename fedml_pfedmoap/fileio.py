@@ -1,20 +1,27 @@
-"""Low-level file helpers shared by every layer (docs/architecture.md): atomic writes and file digests.
+"""Low-level file helpers shared by every layer (docs/architecture.md): atomic writes, build-once locks, digests.
 
 An atomic write goes to a temporary file in the target's folder and is renamed over the target with ``os.replace``,
 so a reader sees the old file or the new one, never half of one, and a failed write leaves no temporary file behind.
+:func:`build_once` adds one writer per cache file across processes: an exclusive ``fcntl.flock`` on ``<file>.lock``
+(docs/benchmark.md §Shared caches on a shared filesystem).
 This module imports nothing from the package, so data, model, engine and harness code may all use it.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -60,6 +67,39 @@ def atomic_write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on ``<path>.lock`` (created if missing, never removed: removing a lock file
+    another process is waiting on would let a third one in) for the body; yields the lock file's path. The kernel
+    drops the lock when its holder exits, so a killed holder never blocks the others."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for %s (another process is writing %s)", lock, Path(path).name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def build_once(path: str | Path, load: Callable[[], Optional[T]], build: Callable[[], T]) -> T:
+    """``load()`` when ``path`` exists and loads (``load`` returns None for an unusable file); else, holding
+    :func:`file_lock` on ``path``, ``load()`` again (another process may have written it while this one waited) and
+    only then ``build()``, which must write ``path`` atomically. Processes sharing the file system thus compute a
+    key once: the first builds, the others wait and reuse its file."""
+    path = Path(path)
+    got = load() if path.exists() else None
+    if got is not None:
+        return got
+    with file_lock(path):
+        got = load() if path.exists() else None
+        return got if got is not None else build()
 
 
 def file_hexdigest(path: str | Path, algorithm: str = "sha256") -> str:

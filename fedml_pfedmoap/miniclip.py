@@ -47,7 +47,7 @@ from .config import ASSET_DIR, PACKAGE_PREFIX
 from .data.base import ArraySplit, ImageDataset, SplitData, build_dataset
 from .data.embedded import ANIMAL_NAMES, DIGIT_NAMES
 from .data.transforms import CLIP_MEAN, CLIP_STD
-from .fileio import atomic_path
+from .fileio import atomic_path, atomic_write_json, build_once
 
 logger = logging.getLogger(__name__)
 
@@ -338,13 +338,20 @@ def ensure_checkpoint(recipe: Recipe, cache_dir: str | Path, force: bool = False
     """The cached checkpoint for ``recipe``, built on first use; returns (path, training stats of the build)."""
     path = cached_path(recipe, cache_dir)
     stats_path = path.with_suffix(".stats.json")
-    if path.is_file() and not force:
+
+    def load() -> Optional[Tuple[Path, Dict]]:
+        if force:
+            return None
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
         return path, {**stats, "cached": True}
-    model, stats = train(recipe)
-    save_checkpoint(model, path, recipe)
-    stats_path.write_text(json.dumps(stats, indent=1))
-    return path, {**stats, "cached": False}
+
+    def build() -> Tuple[Path, Dict]:
+        model, stats = train(recipe)
+        atomic_write_json(stats_path, stats, indent=1)  # first: a present checkpoint always has its stats
+        save_checkpoint(model, path, recipe)
+        return path, {**stats, "cached": False}
+
+    return build_once(path, load, build)  # one builder per recipe across processes
 
 
 def packaged_checkpoint() -> Path:

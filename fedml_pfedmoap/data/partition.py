@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, build_once
 from .base import DatasetError, ImageDataset
 from .splits import PARTITIONER_VERSION, PARTITIONERS, PartitionError, class_groups, dirichlet_split, partition_hash
 
@@ -111,19 +111,25 @@ def make_partition(ds: ImageDataset, method: str, num_clients: int, data_seed: i
     args = partition_args(ds, method, num_clients, data_seed, **params)
     h = partition_hash(args)
     path = Path(out_dir) / ds.name / f"{method}-{h}.json" if out_dir else None
-    if path is not None and path.exists():
+
+    def load() -> Partition:
         saved = json.loads(path.read_text())
         if saved.get("args", {}).get("fingerprint") != ds.fingerprint():
             raise DatasetError(f"partition file {path}: dataset fingerprint mismatch (the data on disk changed)")
         return Partition(h, saved["args"], [np.asarray(x, np.int64) for x in saved["train"]],
                          [np.asarray(x, np.int64) for x in saved["test"]], path)
-    rng = np.random.default_rng(int(data_seed))
-    train, test = fn(ds, rng, num_clients, data_seed=int(data_seed), **params)
-    part = Partition(h, args, [np.asarray(x, np.int64) for x in train], [np.asarray(x, np.int64) for x in test], path)
-    if path is not None:
-        hist = part.histograms(ds)
-        blob = {"hash": h, "args": args, "train": [x.tolist() for x in part.train],
-                "test": [x.tolist() for x in part.test],
-                "histogram_train": hist["train"].tolist(), "histogram_test": hist["test"].tolist()}
-        atomic_write_json(path, blob)
-    return part
+
+    def build() -> Partition:
+        rng = np.random.default_rng(int(data_seed))
+        train, test = fn(ds, rng, num_clients, data_seed=int(data_seed), **params)
+        part = Partition(h, args, [np.asarray(x, np.int64) for x in train], [np.asarray(x, np.int64) for x in test],
+                         path)
+        if path is not None:
+            hist = part.histograms(ds)
+            blob = {"hash": h, "args": args, "train": [x.tolist() for x in part.train],
+                    "test": [x.tolist() for x in part.test],
+                    "histogram_train": hist["train"].tolist(), "histogram_test": hist["test"].tolist()}
+            atomic_write_json(path, blob)
+        return part
+
+    return build() if path is None else build_once(path, load, build)  # one writer per file across processes

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, build_once
 from ..registry import Registry
 
 PARTITIONER_VERSION = 1
@@ -142,10 +142,15 @@ def saved_holdout(dataset: str, keys: Sequence[str], labels: np.ndarray, test_fr
             "version": PARTITIONER_VERSION}
     hh = partition_hash(args)
     path = Path(out_dir) / dataset / f"holdout-{hh}.json" if out_dir else None
-    if path is not None and path.exists():
+
+    def load() -> Tuple[np.ndarray, np.ndarray, str]:
         saved = json.loads(path.read_text())
         return np.asarray(saved["train"], np.int64), np.asarray(saved["test"], np.int64), hh
-    train, test = stratified_holdout(labels, test_fraction, seed, val_fraction)
-    if path is not None:
-        atomic_write_json(path, {"hash": hh, "args": args, "train": train.tolist(), "test": test.tolist()})
-    return train, test, hh
+
+    def build() -> Tuple[np.ndarray, np.ndarray, str]:
+        train, test = stratified_holdout(labels, test_fraction, seed, val_fraction)
+        if path is not None:
+            atomic_write_json(path, {"hash": hh, "args": args, "train": train.tolist(), "test": test.tolist()})
+        return train, test, hh
+
+    return build() if path is None else build_once(path, load, build)  # one writer per file across processes

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..clip.backbone import ClipBackbone
 from ..clip.towers import visual_from_stream, visual_stream
 from ..data.base import SplitData
-from ..fileio import atomic_write_npz
+from ..fileio import atomic_write_npz, build_once
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +130,36 @@ class FeatureCache:
     def load_or_encode(self, backbone: ClipBackbone, dataset_fp: str, split_name: str, split: SplitData,
                        transform: Callable, transform_desc: str, patches: bool = False,
                        device: str | torch.device = "cpu", stream_block: Optional[int] = None) -> FeatureSet:
+        """The cached features of ``key``, else encoded once (one writer per key across processes, see
+        ``fileio.build_once``: a second process asking for the same key waits for the first and reads its file)."""
         key = cache_key(backbone, dataset_fp, split_name, transform_desc, patches, stream_block)
-        path = self.root / f"{key}.npz" if self.root else None
-        if path is not None and path.exists():
-            try:
-                if self.mmap_min_bytes is not None and path.stat().st_size >= self.mmap_min_bytes:
-                    arrays = mmap_npz(path)
-                    self.mapped += 1
-                else:
-                    with np.load(path) as z:
-                        arrays = {k: z[k] for k in z.files}
-                self.hits += 1
-                return _to_featureset(arrays)
-            except (OSError, ValueError, KeyError) as err:
-                logger.warning("feature cache %s unreadable (%s); re-encoding", path, err)
-        self.misses += 1
-        arrays = encode_split(backbone, split, transform, patches=patches, device=device,
-                              desc=f"encode {split_name}", stream_block=stream_block)
-        if path is not None:
-            atomic_write_npz(path, **arrays)
-        return _to_featureset(arrays)
+
+        def encode() -> FeatureSet:
+            self.misses += 1
+            arrays = encode_split(backbone, split, transform, patches=patches, device=device,
+                                  desc=f"encode {split_name}", stream_block=stream_block)
+            if self.root is not None:
+                atomic_write_npz(self.root / f"{key}.npz", **arrays)
+            return _to_featureset(arrays)
+
+        if self.root is None:
+            return encode()
+        return build_once(self.root / f"{key}.npz", lambda: self._load(self.root / f"{key}.npz"), encode)
+
+    def _load(self, path: Path) -> Optional[FeatureSet]:
+        """The cached file as a FeatureSet (memory-mapped when large); None (and a warning) when unreadable."""
+        try:
+            if self.mmap_min_bytes is not None and path.stat().st_size >= self.mmap_min_bytes:
+                arrays = mmap_npz(path)
+                self.mapped += 1
+            else:
+                with np.load(path) as z:
+                    arrays = {k: z[k] for k in z.files}
+            self.hits += 1
+            return _to_featureset(arrays)
+        except (OSError, ValueError, KeyError) as err:
+            logger.warning("feature cache %s unreadable (%s); re-encoding", path, err)
+            return None
 
 
 def mmap_npz(path: str | Path) -> dict:
