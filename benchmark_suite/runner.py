@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from fedml_pfedmoap.config import Config
 from fedml_pfedmoap.tracking import NullLogger, TrackingLogger
 
+from . import mlflow_server, shards
 from .grid import Cell, CellRecord, expand_grid, unique_cells
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="R", help="checkpoint every R rounds")
     parser.add_argument("--headline", default="acc_last5", choices=("acc_last5", "acc_last"))
+    mlflow_server.add_argument(parser)
+    shards.add_argument(parser)
 
 
 def cell_params(cell: Cell, partition_hash: str) -> Dict[str, Any]:
@@ -259,18 +263,25 @@ class GridRunner:
 
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
-    from fedml_pfedmoap.tracking import git_commit, tracker_from_config
-
-    from . import leaderboard as lb
+    from fedml_pfedmoap.tracking import tracker_from_config
 
     logging.getLogger("benchmark_suite").setLevel(logging.INFO)  # skip/resume/finish notes (the root logger is quiet)
     base = load_config(args.config, args.set)
-    cells = expand_grid(base, args.only)  # every grid error surfaces here, before any run
-    if args.dry_run:
+    cells = shards.select(base, expand_grid(base, args.only), args.shard)  # every grid error surfaces here
+    if args.dry_run or not cells:
         for c in cells:
             print(f"{c.label}  [{c.hash}]")
         return 0
-    tracker = tracker_from_config(base, args.set)
+    with mlflow_server.served_tracker(args.mlflow_server, tracker_from_config(base, args.set)) as tracker:
+        return _run_grid(args, base, cells, tracker)
+
+
+def _run_grid(args: argparse.Namespace, base: Config, cells: List[Cell], tracker: TrackingLogger) -> int:
+    """Run the grid's cells with ``tracker`` and write the leaderboard files."""
+    from fedml_pfedmoap.tracking import git_commit
+
+    from . import leaderboard as lb
+
     uri = tracker.uri
     bench = base.benchmark_args.name
     out_dir = Path(base.common_args.output_dir) / bench
@@ -278,7 +289,8 @@ def main(args: argparse.Namespace) -> int:
                         checkpoint_every=args.checkpoint_every)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     tags = {"benchmark": bench, "config_file": str(args.config), "git_commit": git_commit(),
-            "sets": " ".join(args.set), "only": " ".join(args.only), "cells": str(len(cells))}
+            "sets": " ".join(args.set), "only": " ".join(args.only), "cells": str(len(cells)),
+            "shard": args.shard or ""}
     ran = runner.run(cells, f"{bench} {stamp}", tags)
     if tracker.enabled:  # the table and files come from MLflow, the single source of truth
         records, missing = lb.collect_from_mlflow(tracker, cells)
@@ -288,6 +300,7 @@ def main(args: argparse.Namespace) -> int:
         records = [by_hash[c.hash].relabel(c) for c in cells if c.hash in by_hash]
         missing = [c for c in cells if c.hash not in by_hash]
         source = "this run (tracking off)"
+    out_dir = shards.outputs_dir(out_dir, args.shard)  # checkpoints stay shared, each shard's outputs its own
     paths = lb.write_outputs(records, out_dir, bench, base.benchmark_args.caution, args.headline,
                              f"{source}, {stamp}", [c.label for c in missing])
     print(lb.console_table(records, base.benchmark_args.caution))

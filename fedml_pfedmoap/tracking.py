@@ -191,23 +191,30 @@ def tracker_from_config(cfg: Config, sets: Sequence[str] = (), experiment: Optio
     return MlflowLogger(uri, name) if uri else NullLogger(name)
 
 
+def sqlite_artifact_root(uri: str) -> Optional[Path]:
+    """``<folder of the database>/mlruns`` (created) for a ``sqlite:///`` URI, else None. Without a location MLflow
+    would drop artifacts into ./mlruns; they stay beside the database instead (a folder version control ignores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return db.parent.resolve() / "mlruns"
+
+
 class MlflowLogger(TrackingLogger):
     """Parent/child MLflow runs over ``MlflowClient`` (explicit run ids, no global active-run stack)."""
 
     enabled = True
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, store_uri: Optional[str] = None) -> None:
+        """``store_uri``: the sqlite store a local server (``tracking_uri``) serves, so that an experiment created
+        through the server keeps its artifacts where a direct sqlite client puts them."""
         mlflow = _mlflow()
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
-        artifact_location = None
-        if tracking_uri.startswith("sqlite:///"):
-            db = Path(tracking_uri[len("sqlite:///"):])
-            db.parent.mkdir(parents=True, exist_ok=True)
-            # without a location MLflow would drop artifacts into ./mlruns; keep them beside the database (in a
-            # folder named mlruns, which version control ignores)
-            artifact_location = (db.parent.resolve() / "mlruns" / experiment).as_uri()
+        root = sqlite_artifact_root(store_uri or tracking_uri)
+        artifact_location = (root / experiment).as_uri() if root is not None else None
         stray = Path("mlruns")  # a sqlite store mkdirs its default artifact root ./mlruns even when unused
         stray_existed = stray.exists()
         with _quiet_store_init():
@@ -230,7 +237,13 @@ class MlflowLogger(TrackingLogger):
         """The experiment's id, creating (or restoring a deleted) experiment on first use: call it only to write."""
         exp = self._found
         if exp is None:
-            eid = self.client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            try:
+                eid = self.client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            except Exception:  # noqa: BLE001 - another process (a concurrent shard) created it first
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                eid = found.experiment_id
             self._found = exp = self.client.get_experiment(eid)
         elif exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
