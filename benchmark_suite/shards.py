@@ -56,12 +56,15 @@ def select(base: Config, cells: Sequence[Cell], spec: Optional[str]) -> List[Cel
         return list(cells)
     i, n = parse_shard(spec)
     grid = unique_cells(expand_grid(base))
-    shard_of = assign(((c.hash, int(c.cfg.train_args.comm_round)) for c in grid), n)
+    shard_of = assign(((c.hash, _rounds([c])) for c in grid), n)
     ours = [c for c in grid if shard_of[c.hash] == i]
     logger.info("shard %d/%d: %d of the grid's %d cells, %d of its %d rounds", i, n, len(ours), len(grid),
-                sum(int(c.cfg.train_args.comm_round) for c in ours), sum(int(c.cfg.train_args.comm_round) for c in grid))
-    mine = [c for c in cells if shard_of[c.hash] == i]
-    return mine
+                _rounds(ours), _rounds(grid))
+    return [c for c in cells if shard_of[c.hash] == i]
+
+
+def _rounds(cells: Iterable[Cell]) -> int:
+    return sum(int(c.cfg.train_args.comm_round) for c in cells)
 
 
 def outputs_dir(out_dir: Path, spec: Optional[str]) -> Path:

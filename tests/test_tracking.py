@@ -1,13 +1,7 @@
 """MLflow tracking: nested runs per cell under a parent, params, tags, per-round metrics and artifacts, with a sqlite
 store and with a real ``mlflow server`` over HTTP; URI precedence and an active parent run."""
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
 from pathlib import Path
 
 import pytest
@@ -114,53 +108,50 @@ def test_tracking_uri_precedence_and_active_parent(tmp_path, monkeypatch):
     assert logger.client.get_run(outer.info.run_id).info.status == "FINISHED"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise TimeoutError(f"mlflow server not healthy after {timeout:.0f} s")
-
-
 def test_real_mlflow_server_over_http(tmp_path, cache, monkeypatch):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-           "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=tmp_path)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(uri, proc, timeout=90)
-        grid = write_grid(tmp_path, cache, uri=uri, train_args={"comm_round": 2})
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        rc, out, err = cli("run", "--config", str(grid), "--no-progress", "--only", "algo=zeroshot,promptfl")
-        assert rc == 0, err
-        client, children = _check_grid_runs(uri, 2, ["zeroshot", "promptfl"])
-        assert (tmp_path / "srv.db").exists() and not (tmp_path / "mlflow.db").exists()
-        assert any((tmp_path / "srv-artifacts").rglob("client_acc.csv"))  # uploaded through the server
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: gunicorn workers included
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        proc.stderr.close()
+    """``--mlflow-server auto``: the grid logs over HTTP to a server the command starts over its sqlite store (and
+    stops: the port no longer answers); the runs and artifacts land in that store and the mlruns folder beside it."""
+    from benchmark_suite.mlflow_server import _answers
+
+    grid = write_grid(tmp_path, cache, uri=f"sqlite:///{tmp_path / 'srv.db'}", train_args={"comm_round": 2})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc, out, err = cli("run", "--config", str(grid), "--no-progress", "--only", "algo=zeroshot,promptfl",
+                       "--mlflow-server", "auto")
+    assert rc == 0, err
+    served = re.search(r"MLflow: (http://127\.0\.0\.1:\d+)", out)
+    assert served is not None, out  # the runs went through the server
+    assert _answers(served.group(1), timeout=2) is not None  # and the server is gone
+    _check_grid_runs(f"sqlite:///{tmp_path / 'srv.db'}", 2, ["zeroshot", "promptfl"])
+    assert not (tmp_path / "mlflow.db").exists()
+    assert any((tmp_path / "mlruns").rglob("client_acc.csv"))  # beside the store, as without a server
+
+
+def test_mlflow_server_errors_name_the_uri_or_store(tmp_path):
+    """Bad ``--mlflow-server`` values, a URI where nothing answers and a server that dies at start are one line
+    each; a server is stopped when the body raises (Ctrl-C)."""
+    from benchmark_suite.mlflow_server import TrackingServerError, _answers, _free_port, tracking_server
+
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    with tracking_server(None, db) as uri:
+        assert uri == db
+    with pytest.raises(TrackingServerError, match=r"^--mlflow-server: expected 'auto' or an http\(s\):// URI, "
+                                                  r"got 'x'$"):
+        tracking_server("x", db).__enter__()
+    nowhere = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(TrackingServerError, match=rf"^--mlflow-server {nowhere}: no MLflow server answers there"):
+        tracking_server(nowhere, db).__enter__()
+    with pytest.raises(TrackingServerError, match=r"auto: serves the grid's sqlite store, but the tracking URI"):
+        tracking_server("auto", "http://elsewhere:5000").__enter__()
+    (tmp_path / "bad.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(TrackingServerError) as info:
+        tracking_server("auto", f"sqlite:///{tmp_path / 'bad.db'}").__enter__()
+    msg = str(info.value)
+    assert "\n" not in msg and f"server over {tmp_path / 'bad.db'} exited with" in msg and "database" in msg
+    with pytest.raises(KeyboardInterrupt):
+        with tracking_server("auto", db) as uri:
+            assert _answers(uri) is None
+            raise KeyboardInterrupt
+    assert _answers(uri, timeout=2) is not None
 
 
 def test_tracker_from_config_and_the_null_logger(tmp_path, monkeypatch):
