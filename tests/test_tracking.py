@@ -192,3 +192,13 @@ def test_metric_names_have_one_source():
                                  "acc_best"]
     assert list(client_summary([0.5, 1.0], [1, 1])) == ["acc_mean", "acc_weighted", "acc_std", "acc_bottom10"]
     assert list(run_summary([0.5, 1.0])) == ["acc_last", "acc_last5", "acc_best"]
+
+
+def test_two_loggers_creating_one_experiment_share_it(tmp_path):
+    """Two processes (concurrent shards) that both found no experiment: the second creation finds the first's."""
+    from fedml_pfedmoap.tracking import MlflowLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    first, second = MlflowLogger(uri, "shared"), MlflowLogger(uri, "shared")  # both looked before either created
+    assert first.experiment_id == second.experiment_id
+    assert second._found.artifact_location == (tmp_path / "mlruns" / "shared").as_uri()
