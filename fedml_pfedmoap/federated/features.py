@@ -130,8 +130,8 @@ class FeatureCache:
     def load_or_encode(self, backbone: ClipBackbone, dataset_fp: str, split_name: str, split: SplitData,
                        transform: Callable, transform_desc: str, patches: bool = False,
                        device: str | torch.device = "cpu", stream_block: Optional[int] = None) -> FeatureSet:
-        """The cached features of ``key``, else encoded once (one writer per key across processes, see
-        ``fileio.build_once``: a second process asking for the same key waits for the first and reads its file)."""
+        """The split's features from the cache, else encoded and cached. One writer per key across processes
+        (``fileio.build_once``): a second process asking for the same key waits for the first and reads its file."""
         key = cache_key(backbone, dataset_fp, split_name, transform_desc, patches, stream_block)
 
         def encode() -> FeatureSet:
