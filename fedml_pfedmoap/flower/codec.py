@@ -6,7 +6,7 @@ scalars. It travels as two records:
 * ``"arrays"`` (``ArrayRecord``): every tensor / array of the tree, one ``Array`` each (numpy ``.npy`` bytes in the
   tensor's own dtype and shape), keyed ``"<n> <path>"`` (``n`` numbers the leaves, ``path`` is for humans);
 * ``"tree"`` (``ConfigRecord``): ``{"json": ...}``, the tree as JSON with each tensor replaced by
-  ``{"__tensor__": key}`` (numpy arrays: ``"__ndarray__"``), tuples by ``{"__tuple__": [...]}`` and dicts whose keys are
+  ``{"__tensor__": [key, shape]}`` (numpy arrays: ``"__ndarray__"``), tuples by ``{"__tuple__": [...]}`` and dicts whose keys are
   not all strings by ``{"__items__": [[key, value], ...]}``. Python floats survive JSON exactly (shortest repr;
   NaN and infinities included); booleans, ints, strings and None are JSON's own.
 
@@ -33,10 +33,10 @@ def encode(obj: Any) -> RecordDict:
     """``obj`` (a protocol dict) as a ``RecordDict`` of an ``ArrayRecord`` and a ``ConfigRecord``."""
     arrays: Dict[str, Array] = {}
 
-    def leaf(value: np.ndarray, path: str) -> str:
+    def leaf(value: np.ndarray, path: str) -> list:
         key = f"{len(arrays)} {path}"
         arrays[key] = Array.from_numpy_ndarray(np.ascontiguousarray(value))
-        return key
+        return [key, list(value.shape)]  # Flower's Array does not keep a 0-d shape
 
     def walk(o: Any, path: str) -> Any:
         if isinstance(o, torch.Tensor):
@@ -73,10 +73,10 @@ def decode(content: RecordDict, device: Optional[torch.device] = None) -> Any:
     def walk(o: Any) -> Any:
         if isinstance(o, dict):
             if set(o) == {_TENSOR}:
-                t = torch.from_numpy(arrays[o[_TENSOR]].numpy().copy())
+                t = torch.from_numpy(_array(arrays, *o[_TENSOR]))
                 return t if device is None else t.to(device)
             if set(o) == {_NDARRAY}:
-                return arrays[o[_NDARRAY]].numpy().copy()
+                return _array(arrays, *o[_NDARRAY])
             if set(o) == {_TUPLE}:
                 return tuple(walk(v) for v in o[_TUPLE])
             if set(o) == {_ITEMS}:
@@ -88,3 +88,7 @@ def decode(content: RecordDict, device: Optional[torch.device] = None) -> Any:
 
     return walk(tree)
 
+
+
+def _array(arrays: ArrayRecord, key: str, shape: list) -> np.ndarray:
+    return arrays[key].numpy().reshape(shape).copy()

@@ -9,8 +9,9 @@ and call ``flwr run <app> fedml-pfedmoap --stream`` with the YAML as the app's r
 * ``deployment``: N real ``flower-supernode`` processes, SuperNode k with ``--node-config "partition-id=k
   num-partitions=N"`` and its own free ClientAppIo port.
 
-Every process gets ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1`` (no outbound connection) and this
-checkout on ``PYTHONPATH``. Everything started here is stopped at the end (process groups). Exit status: 0 finished,
+Every process gets ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``MLFLOW_DISABLE_TELEMETRY=true``
+(no outbound connection: Flower's telemetry and update check, MLflow 3's telemetry) and this checkout on
+``PYTHONPATH``. Everything started here is stopped at the end (process groups). Exit status: 0 finished,
 3 a SuperNode gone (the one line is printed), 1 any other failure.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def flower_env(flwr_home: Path, base: Optional[Dict[str, str]] = None) -> Dict[s
     """The environment of every Flower process started here (see the module docstring)."""
     env = dict(os.environ if base is None else base)
     env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               PYTHONUNBUFFERED="1")
+               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     return env
