@@ -65,9 +65,12 @@ def exchange(grid: Grid, r: int, downloads: Dict[int, Dict[str, Any]], nodes: Di
     route = {i: nodes[i % num] for i in chosen}
     msgs = [Message(encode(downloads[i]), dst_node_id=route[i], message_type="train", group_id=str(r))
             for i in chosen]
+    sent = {m.object_id: i for i, m in zip(chosen, msgs)}  # a reply names the message it answers
+    by_node = {n: p for p, n in nodes.items()}
     uploads, failed = [], {}  # failed: partition -> reason
     for reply in grid.send_and_receive(msgs, timeout=timeout_s):
-        part = next(p for p, n in nodes.items() if n == reply.metadata.src_node_id)
+        cid = sent.get(reply.metadata.reply_to_message_id)  # the SuperLink answers for an unavailable node
+        part = cid % num if cid is not None else by_node.get(reply.metadata.src_node_id, -1)
         if reply.has_error():
             failed[part] = f"error {reply.error.code}: {reply.error.reason}"
         else:
