@@ -1,5 +1,8 @@
 """FedML cross-silo adapters around the framework-free algorithm protocol (docs/fedml.md §Stack notes).
 
+The protocol itself (downloads, uploads, round driving, metrics, the client half) is engine-neutral in
+``federated/rounds.py``, shared with the Flower engine; this module moves its dicts through FedML.
+
 ``PersonalizedServerAggregator`` drives the server half (``init_server``/``begin_round``/``client_payload``/
 ``aggregate``/``eval_payload``) and ``PersonalizedClientTrainer`` the client half (``init_client_state``/``local_train``/
 ``evaluate``) of any registered algorithm: the same calls, in the same order, as the in-process ``Simulator``.
@@ -27,76 +30,52 @@ where they equal the simulator's); cross-silo cannot evaluate clients that take 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 from fedml.core import ClientTrainer, ServerAggregator
 
 from ..algorithms.protocol import Algorithm
-from ..checkpoint import digest
-from ..federated.metrics import client_summary, dropout_metrics, validation_summary
-from ..federated.schedule import RoundSchedule, upload_summary
+from ..federated.round_log import RoundLogger
+from ..federated.rounds import ProtocolError, RoundDriver, check_label_shift, serve_client
 from ..federated.simulator import ClientData
-from ..privacy import reports_evaluation, run_accounting
-from .metrics_log import RoundLogger
-from .state import ClientStateStore
 from .watchdog import PeerUnreachable, RoundWatchdog
 
 logger = logging.getLogger(__name__)
 
 
-class ProtocolError(RuntimeError):
-    """A download or upload that does not follow the protocol in the module docstring."""
-
-
-def _content_digest(payload: Optional[Dict[str, Any]]) -> Optional[str]:
-    """Digest of a payload's content (its client index left out, so equal content gives equal digests)."""
-    if payload is None:
-        return None
-    return digest({k: v for k, v in payload.items() if k != "client_index"})[:16]
-
-
 class PersonalizedServerAggregator(ServerAggregator):
-    """The server half of an ``Algorithm`` behind FedML's ``ServerAggregator``; see the module docstring."""
+    """The server half of an ``Algorithm`` behind FedML's ``ServerAggregator``: FedML's hooks call the engine-neutral
+    ``RoundDriver`` (see the module docstring) and the watchdog waits for the workers after each download."""
 
     def __init__(self, model: Any, args: Any, algo: Algorithm, num_clients: int, per_round: int, rounds: int,
                  seed: int, eval_every: int, round_logger: RoundLogger, out_dir: Path,
                  watchdog: Optional[RoundWatchdog] = None, run_tag: Optional[str] = None, dropout: float = 0.0) -> None:
         super().__init__(model, args)
-        self.algo, self.n, self.rounds, self.seed = algo, int(num_clients), int(rounds), int(seed)
-        self.schedule = RoundSchedule(self.n, self.rounds, per_round / num_clients, self.seed, eval_every,
-                                      float(dropout))
-        self.log, self.watchdog = round_logger, watchdog
+        tag = run_tag or f"{getattr(args, 'run_id', '0')}-{uuid.uuid4().hex[:12]}"
+        self.driver = RoundDriver(algo, num_clients, per_round, rounds, seed, eval_every, round_logger,
+                                  Path(out_dir) / "cross_silo_rounds.jsonl", tag, dropout)
+        self.watchdog = watchdog
         self.workers = list(range(1, int(per_round) + 1))
-        self.run_tag = run_tag or f"{getattr(args, 'run_id', '0')}-{uuid.uuid4().hex[:12]}"
-        self.out = Path(out_dir) / "cross_silo_rounds.jsonl"
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text("")
-        self.round = 0  # the FedML round whose uploads are awaited
-        self.selection: List[int] = self.schedule.participants(0, algo)
-        if algo.sequential:
-            raise ValueError(f"algorithm_args.{algo.name}.pool_snapshot: 'live' needs the in-process simulator (each "
-                             "download depends on earlier uploads of the same round); expected round_start")
-        if len(self.selection) != len(self.schedule.sampled(0)):
-            raise ValueError(f"algorithm_args.{algo.name}.round0_all_clients: supported by the simulator engine only "
-                             f"(cross-silo runs client_num_per_round = {per_round} workers per round); expected false")
-        self.pending: Dict[int, Dict[str, Any]] = {}  # training round -> metrics awaiting its evaluation
-        self.private_rounds: List[Dict[str, Any]] = []  # rounds with private uploads (their DP accounting)
-        self.sent: Dict[int, Dict[int, Optional[str]]] = {}  # round -> client -> train-payload digest
-        self.train_payloads: List[Any] = []  # the awaited round's train downloads (its bytes_down)
-        self.t0 = time.perf_counter()
-        self.finished = False
+
+    @property
+    def selection(self) -> List[int]:
+        """The participants of the round whose uploads are awaited (FedML's silo selection reads it)."""
+        return self.driver.selection
+
+    @property
+    def finished(self) -> bool:
+        return self.driver.finished
 
     # ---- FedML hooks ---------------------------------------------------------------------------------------------
     def get_model_params(self) -> Dict[int, Dict[str, Any]]:
         """Round 0's downloads (FedML calls this once, when every worker is online)."""
-        self.algo.begin_round(0, self.selection)
-        return self._downloads(0, self.selection, evals={})
+        out = self.driver.first()
+        self._wait("round 0: waiting for uploads")
+        return out
 
     def set_model_params(self, model_parameters: Any) -> None:
         """FedML stores what ``aggregate`` returned; the algorithm keeps its own server state."""
@@ -110,101 +89,18 @@ class PersonalizedServerAggregator(ServerAggregator):
 
     def aggregate(self, raw_client_model_or_grad_list: List[Tuple[float, Any]]) -> Dict[int, Dict[str, Any]]:
         """Log piggybacked evaluations, aggregate round r, and build round r+1's downloads for every client."""
-        r = self.round
-        uploads = self._check_uploads([u for _, u in raw_client_model_or_grad_list], r)
-        evals = [u for u in uploads if u.get("eval") is not None]
-        if evals:
-            self._finish_round(r - 1, evals)
-        if r >= self.rounds:  # the extra round: evaluations only; tell the workers to stop
-            self.finished = True
-            self.log.close()
-            self._wait("waiting for the workers' finished status")
-            return {i: {"client_index": i, "round": r + 1, "run_tag": self.run_tag, "done": True, "selected": False,
-                        "train": None, "eval": None, "eval_round": None} for i in range(self.n)}
-        delivered = set(self.schedule.delivered(r, self.selection))  # a dropped client trained; its upload is lost
-        train_ups = sorted((u["upload"] for u in uploads if int(u["client_index"]) in delivered),
-                           key=lambda u: int(u["client_index"]))
-        self.pending[r] = self._train_metrics(r, train_ups, {int(u["client_index"]): u.get("rank") for u in uploads})
-        if self.schedule.dropout > 0:
-            self.pending[r].update(dropout_metrics([i for i in self.selection if i not in delivered]))
-        if train_ups:  # every upload lost: the server state stays as it was
-            self.algo.aggregate(train_ups)
-        nxt = self.schedule.participants(r + 1, self.algo)  # participants of FedML round r+1
-        # dp.report_eval off: clients keep the evaluation of their private models (docs/privacy.md), none is asked
-        is_eval = reports_evaluation(self.algo.hp) and self.schedule.evaluates(r)
-        eval_payloads = {i: self.algo.eval_payload(i) for i in nxt} if is_eval else {}
-        if not is_eval:
-            self._finish_round(r, [])
-        if r + 1 < self.rounds:
-            self.algo.begin_round(r + 1, nxt)
-        self.round, self.selection = r + 1, nxt
-        return self._downloads(r + 1, nxt, eval_payloads)
-
-    # ---- internals -----------------------------------------------------------------------------------------------
-    def _downloads(self, r: int, selected: Sequence[int], evals: Dict[int, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
-        out: Dict[int, Dict[str, Any]] = {}
-        self.sent[r] = {}
-        for i in range(self.n):
-            chosen = i in selected
-            train = self.algo.client_payload(i) if chosen and r < self.rounds else None
-            out[i] = {"client_index": i, "round": r, "run_tag": self.run_tag, "selected": chosen, "done": False,
-                      "train": train, "eval": evals.get(i), "eval_round": r - 1 if i in evals else None}
-            if chosen:
-                self.sent[r][i] = _content_digest(train)
-        self.train_payloads = [out[i]["train"] for i in selected] if r < self.rounds else []
-        self._wait(f"round {r}: waiting for uploads")
+        out = self.driver.step([u for _, u in raw_client_model_or_grad_list])
+        self._wait("waiting for the workers' finished status" if self.driver.finished
+                   else f"round {self.driver.round}: waiting for uploads")
         return out
 
     def _wait(self, what: str) -> None:
         if self.watchdog is not None:
             self.watchdog.wait_for(self.workers, what)
 
-    def _check_uploads(self, uploads: List[Any], r: int) -> List[Dict[str, Any]]:
-        for u in uploads:
-            if not isinstance(u, dict) or "client_index" not in u or u.get("round") != r:
-                raise ProtocolError(f"round {r}: malformed upload {str(u)[:200]!r} (expected the client index and "
-                                    f"round {r}; see fedml_plugin/cross_silo.py)")
-        got = sorted(int(u["client_index"]) for u in uploads)
-        if got != sorted(self.selection):
-            raise ProtocolError(f"round {r}: uploads from clients {got}, expected the selected {sorted(self.selection)}")
-        return uploads
-
-    def _train_metrics(self, r: int, train_ups: List[Dict[str, Any]], ranks: Dict[int, Any]) -> Dict[str, Any]:
-        m: Dict[str, Any] = {"round": r, **upload_summary(self.train_payloads, train_ups, len(self.selection),
-                                                           self.private_rounds)}
-        if "dp_busiest_releases" in m:
-            self.private_rounds.append(m)
-        m["clients"] = {i: {"digest": self.sent.get(r, {}).get(i), "rank": ranks.get(i)}
-                        for i in (int(u["client_index"]) for u in train_ups)}
-        return m
-
-    def _finish_round(self, r: int, evals: List[Dict[str, Any]]) -> None:
-        """Round r's metrics (training from round r's uploads, evaluation from round r+1's) -> MLflow + JSONL."""
-        m = self.pending.pop(r, {"round": r})
-        served = {int(u["client_index"]): int(u.get("rank", -1)) for u in evals}
-        if evals:
-            rows = sorted((int(u["client_index"]), u["eval"]) for u in evals)
-            bad = [i for i, e in rows if int(e.get("round", -2)) != r]
-            if bad:
-                raise ProtocolError(f"round {r + 1}: clients {bad} evaluated another round than {r}")
-            accs, ns = [e["correct"] / max(1, e["total"]) for _, e in rows], [int(e["total"]) for _, e in rows]
-            m.update(client_summary(accs, ns))
-            m.update(validation_summary([e["val_correct"] / e["val_total"] for _, e in rows if e.get("val_total")]))
-            m["test_loss"] = float(np.average([e["loss"] for _, e in rows], weights=np.maximum(ns, 1)))
-            m["evaluated"] = len(rows)
-            m["eval_clients"] = {i: {"acc": a, "rank": served[i]} for (i, _), a in zip(rows, accs)}
-        if r == self.rounds - 1:
-            m.update(run_accounting(self.private_rounds))
-        m["elapsed_s"] = time.perf_counter() - self.t0
-        self.log.log_round({k: v for k, v in m.items() if not isinstance(v, dict)}, step=r)
-        with open(self.out, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(m, default=str) + "\n")
-        if "acc_mean" in m:
-            logger.info("round %d: acc_mean %.4f over %d clients", r, m["acc_mean"], m["evaluated"])
-
 
 class PersonalizedClientTrainer(ClientTrainer):
-    """The client half of an ``Algorithm`` behind FedML's ``ClientTrainer``; see the module docstring."""
+    """The client half of an ``Algorithm`` behind FedML's ``ClientTrainer`` (``federated.rounds.serve_client``)."""
 
     def __init__(self, model: Any, args: Any, algo: Algorithm, clients: Sequence[ClientData], state_root: Path,
                  rank: int, watchdog: Optional[RoundWatchdog] = None) -> None:
@@ -227,32 +123,13 @@ class PersonalizedClientTrainer(ClientTrainer):
 
     def train(self, train_data: Any, device: Any, args: Any) -> None:
         """Evaluate the previous round (if asked), train this round, persist the client's state, build the upload."""
-        d = self.download
-        if d is None:
+        if self.download is None:
             raise ProtocolError(f"rank {self.rank}: train() before any download")
-        cid, r = int(d["client_index"]), int(d["round"])
-        if not d.get("selected", False):
-            raise ProtocolError(f"rank {self.rank}: sent client {cid} for round {r}, which the server did not select")
-        if not 0 <= cid < len(self.clients):
-            raise ProtocolError(f"rank {self.rank}: client index {cid} outside 0..{len(self.clients) - 1}")
-        store = ClientStateStore(self.state_root, d["run_tag"], self.algo.init_client_state, self.algo.rt.device)
-        state = store.load(cid)
-        ev = None
-        if d.get("eval") is not None:
-            res = self.algo.evaluate(d["eval"], state, self.clients[cid].test)
-            ev = {"round": int(d["eval_round"]), "correct": int(res.correct), "total": int(res.total),
-                  "loss": float(res.loss)}
-            val = self.clients[cid].val
-            if val is not None and len(val) > 0:  # data_args.val_fraction > 0: the model-selection score
-                vres = self.algo.evaluate(d["eval"], state, val)
-                ev.update(val_correct=int(vres.correct), val_total=int(vres.total))
-        up = None
-        if d.get("train") is not None:
-            up = self.algo.local_train(d["train"], state, self.clients[cid].train)
-        store.save(cid, state)
-        self.upload = {"client_index": cid, "round": r, "rank": self.rank, "upload": up, "eval": ev}
+        self.upload = serve_client(self.algo, self.clients, self.state_root, self.download, self.rank,
+                                   f"rank {self.rank}")
         if self.watchdog is not None:
-            self.watchdog.wait_for([0], f"round {r}: waiting for the server after the upload of client {cid}")
+            self.watchdog.wait_for([0], f"round {self.upload['round']}: waiting for the server after the upload of "
+                                        f"client {self.upload['client_index']}")
 
     def test(self, test_data: Any, device: Any, args: Any) -> None:
         """Evaluation runs inside ``train()``."""
@@ -312,11 +189,7 @@ def run_dir(cfg: Any) -> Path:
 
 def check_protocol_supported(cfg: Any) -> None:
     """Base-to-novel scoring (Base / Novel / HM) runs in the simulator only; reject it before any peer waits."""
-    from ..errors import ConfigError
-
-    if cfg.data_args.protocol != "label_shift":
-        raise ConfigError(f"data_args.protocol: {cfg.data_args.protocol!r} is supported by the simulator only "
-                          "(training_type: simulation or pfedmoap-bench); the cross-silo engine runs label_shift")
+    check_label_shift(cfg, "cross-silo")
 
 
 def run_cross_silo(pc: Any, args: Any) -> None:

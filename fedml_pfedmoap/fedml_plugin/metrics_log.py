@@ -1,42 +1,4 @@
-"""Server-side run logging for the FedML paths: one writer per run (docs/fedml.md §Stack notes).
+"""The server-side round logger of the multi-process engines, now engine-neutral in ``federated/round_log.py``."""
+from ..federated.round_log import RoundLogger
 
-FedML has no MLflow support and its own tracking needs an account, so the FedML server (cross-silo aggregator) or the
-simulation flow logs through the suite's ``fedml_pfedmoap.tracking`` logger protocol — the same metric names and URI
-rules as ``pfedmoap-bench run``: the flattened config as params, per-round metrics with ``step = round``, the
-``SUMMARY_METRICS`` of ``federated.metrics`` at the end, tags naming the algorithm, dataset and FedML mode.
-``tracking_args.mlflow_tracking_uri: null`` selects the no-op logger.
-"""
-from __future__ import annotations
-
-from typing import Any, Dict, List, Optional
-
-from ..config import Config
-from ..federated.metrics import run_summary, selection_summary
-from ..tracking import Status, tracker_from_config
-
-
-class RoundLogger:
-    """``log_round(metrics, step)`` / ``close()`` on one top-level run of the config's tracker."""
-
-    def __init__(self, cfg: Config, run_name: str, tags: Optional[Dict[str, str]] = None) -> None:
-        self._tracker = tracker_from_config(cfg, experiment=cfg.tracking_args.mlflow_experiment
-                                            or cfg.common_args.run_name)
-        self.acc: List[float] = []
-        self.rows: List[Dict[str, Any]] = []  # evaluated rounds' acc_mean / acc_val_mean (validation selection)
-        self.run_id = self._tracker.start_cell(run_name, cfg.flat(), {k: str(v) for k, v in (tags or {}).items()})
-        self._open = True
-
-    def log_round(self, metrics: Dict[str, Any], step: int) -> None:
-        if "acc_mean" in metrics:
-            self.acc.append(float(metrics["acc_mean"]))
-            self.rows.append({k: metrics[k] for k in ("round", "acc_mean", "acc_val_mean") if k in metrics})
-        self._tracker.log_round(self.run_id, metrics, int(step))
-
-    def close(self, status: Status = "FINISHED") -> None:
-        """Summary (on FINISHED) and the final status; later calls do nothing."""
-        if not self._open:
-            return
-        self._open = False
-        if status == "FINISHED" and self.acc:
-            self._tracker.log_summary(self.run_id, {**run_summary(self.acc), **selection_summary(self.rows)})
-        self._tracker.end_cell(self.run_id, status)
+__all__ = ["RoundLogger"]
