@@ -1,7 +1,7 @@
 """Shared fixtures: one thread, deterministic seeds, the tiny random-init CLIP, and a temp cache dir.
 
-Engine markers (pytest.ini): a test marked ``fedml``, ``flower`` or ``ray`` fails, never skips, in an environment
-without that engine; ``make test`` routes each marker to the environment that has it (docs/install.md).
+Extra markers (pytest.ini): a test marked ``fedml``, ``flower``, ``ray`` or ``pretrain`` fails, never skips, in an
+environment without that extra; ``make test`` routes each marker to the environment that has it (docs/install.md).
 """
 import importlib.util
 import os
@@ -19,12 +19,12 @@ from fedml_pfedmoap.privacy.accounting import release_absl_stderr  # noqa: E402
 
 release_absl_stderr()  # test modules import dp_accounting (and so absl) while pytest's capture owns sys.stderr
 
-ENGINE_MODULES = {"fedml": "fedml", "flower": "flwr", "ray": "ray"}  # marker -> the module its tests need
+EXTRA_MODULES = {"fedml": "fedml", "flower": "flwr", "ray": "ray", "pretrain": "mnist"}  # marker -> module needed
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """An engine test in an environment without its engine is a failure naming the extra, not a skip."""
-    for marker, module in ENGINE_MODULES.items():
+    """A test of an extra in an environment without that extra is a failure naming the extra, not a skip."""
+    for marker, module in EXTRA_MODULES.items():
         if item.get_closest_marker(marker) and importlib.util.find_spec(module) is None:
             pytest.fail(f"marked {marker!r} but {module!r} is not installed in {sys.prefix}: install the "
                         f"[{marker}] extra or deselect with -m 'not {marker}'", pytrace=False)

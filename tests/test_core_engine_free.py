@@ -7,6 +7,7 @@ so a core module importing it would fail outright. Either way the core install (
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,21 @@ def test_the_check_sees_an_engine_import():
     seen = core_imports(skip=("fedml_pfedmoap.flower",))
     assert "fedml_pfedmoap.fedml_plugin.cross_silo" in seen["modules"]
     assert "fedml" in seen["engines"]
+
+
+def test_a_test_of_a_missing_extra_fails_not_skips(tmp_path):
+    """tests/conftest.py: a test marked for an extra that this environment lacks errors out, naming the extra."""
+    import importlib.util
+
+    from conftest import EXTRA_MODULES
+
+    marker = next(m for m, mod in EXTRA_MODULES.items() if importlib.util.find_spec(mod) is None)
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "pytest.ini").write_text((ROOT / "pytest.ini").read_text().replace("testpaths = tests\n", ""))
+    (tmp_path / "test_marked.py").write_text(f"import pytest\n\n@pytest.mark.{marker}\ndef test_x():\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "test_marked.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert f"install the [{marker}] extra" in out.stdout and "\n1 error in" in out.stdout, out.stdout[-2000:]
+    assert "skipped" not in out.stdout
