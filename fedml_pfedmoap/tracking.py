@@ -334,7 +334,8 @@ class MlflowLogger(TrackingLogger):
     def _artifact_uri(self):
         """``mlflow-artifacts:/`` (a server's proxied store) resolves against the *global* tracking URI even for a
         client with its own URI, so point the global one at ours for the duration of an artifact call."""
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # MLflow is pinned (setup.py)
+        # a private helper, present from MLflow 2.22 to 3.x (the tracking tests run on both: docs/install.md)
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         with _use_tracking_uri(self.uri):
             yield

@@ -186,6 +186,7 @@ def test_flip_round_runs_for_every_algorithm(quick_cfg, name):
     assert m["acc_hm"] == pytest.approx(2.0 / (1.0 / m["acc_base"] + 1.0 / m["acc_novel"]), rel=1e-12)
 
 
+@pytest.mark.fedml
 def test_cross_silo_rejects_base2novel_naming_the_key(quick_cfg):
     from types import SimpleNamespace
 

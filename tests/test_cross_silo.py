@@ -62,7 +62,7 @@ def check_job(tmp: Path, ranks: int, rounds: int):
     return rows
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fedml]
 
 
 def test_grpc_cross_silo_pfedmoap(tmp_path):
@@ -77,7 +77,6 @@ def test_grpc_cross_silo_pfedmoap(tmp_path):
     assert {int(i): c["rank"] for i, c in rows[-1]["clients"].items()} == {0: 1, 1: 2, 2: 3}
 
 
-@pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec of the pip mpich package not found")
 def test_mpi_cross_silo_pfedmoap(tmp_path):
     """mpiexec -n 4 (1 server + 3 workers), 4 clients, 3 per round, 3 rounds: clients move between worker processes."""
     cfg = write_config(tmp_path, "cross_silo_mpi.yaml", {

@@ -195,6 +195,7 @@ def test_simulator_runs_and_reports_the_run_level_epsilon(rt, sync):
     assert res.rounds[0]["dp_sigma"] == pytest.approx(sigma)
 
 
+@pytest.mark.fedml
 @pytest.mark.slow
 def test_grpc_cross_silo_equals_the_simulator(tmp_path):
     """1 server + 2 workers over gRPC, default sync, clipping on and ε = inf (deterministic): per-round metrics and

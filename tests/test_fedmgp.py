@@ -130,6 +130,7 @@ def test_resnet_rejected():
         get_algorithm("fedmgp").stream_block_for(rn, get_algorithm("fedmgp").parse_params({}))
 
 
+@pytest.mark.fedml
 def test_cross_silo_adapters_equal_simulator(tmp_path):
     from cross_silo_compare import adapters_match_simulator
 

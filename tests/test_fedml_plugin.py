@@ -16,6 +16,8 @@ from fedml_pfedmoap.config import ConfigError
 from fedml_pfedmoap.fedml_plugin.config import (ALGORITHM_KEY, config_from_namespace, load_plugin_config,
                                                 to_fedml_namespace)
 
+pytestmark = pytest.mark.fedml
+
 
 # ---- config ------------------------------------------------------------------------------------------------------
 def test_cross_silo_translation_and_namespace_roundtrip(tmp_path):

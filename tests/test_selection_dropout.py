@@ -175,6 +175,7 @@ def test_dropout_schedule_same_across_methods_and_seed_for_seed(quick_cfg):
     ({"client_dropout": 0.5}, {}),
     ({"client_dropout": 0.3, "client_num_per_round": 4}, {"val_fraction": 0.25}),
 ])
+@pytest.mark.fedml
 def test_cross_silo_adapters_equal_simulator_with_dropout(tmp_path, train_args, data_args):
     from cross_silo_compare import adapters_match_simulator
 

