@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Iterator, Optional
 
 from fedml_pfedmoap.errors import UserError
-from fedml_pfedmoap.tracking import MlflowLogger, TrackingLogger, sqlite_artifact_root
+from fedml_pfedmoap.tracking import QUIET_MLFLOW_ENV, MlflowLogger, TrackingLogger, sqlite_artifact_root
 
 AUTO = "auto"
 START_TIMEOUT_S = 180.0  # an MLflow 3 server needs ~10-20 s to import on a busy 2-core machine
@@ -95,7 +95,7 @@ def tracking_server(spec: Optional[str], sqlite_uri: str, timeout: float = START
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
            "--default-artifact-root", root.as_uri(), "--artifacts-destination", root.as_uri(),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env = {**QUIET_MLFLOW_ENV, **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}}
     uri = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -38,11 +38,18 @@ STEP_KEY = "round_time_s"  # logged every round: its history tells which rounds 
 MAX_PARAM_LEN = 6000
 
 
+# MLflow 3 sends usage telemetry unless told not to; the suite makes no outbound connection (docs/privacy.md
+# §Network). Set before mlflow is imported, inherited by the servers and workers this process starts; a user who
+# sets the variable to something else keeps their choice.
+QUIET_MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def _mlflow() -> Any:
     """``mlflow`` (a dependency, imported on first use: tracking off never loads it), with its noise turned down."""
+    for key, value in QUIET_MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return mlflow

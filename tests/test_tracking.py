@@ -202,3 +202,33 @@ def test_two_loggers_creating_one_experiment_share_it(tmp_path):
     first, second = MlflowLogger(uri, "shared"), MlflowLogger(uri, "shared")  # both looked before either created
     assert first.experiment_id == second.experiment_id
     assert second._found.artifact_location == (tmp_path / "mlruns" / "shared").as_uri()
+
+
+TELEMETRY_PROBE = r"""
+import sys
+from fedml_pfedmoap.netaudit import install_network_audit
+install_network_audit(sys.argv[1])
+from fedml_pfedmoap.tracking import MlflowLogger
+tracker = MlflowLogger(f"sqlite:///{sys.argv[2]}/mlflow.db", "probe")
+tracker.start_parent("parent", tags={})
+run = tracker.start_cell("cell", {"a": 1}, {})
+tracker.log_round(run, {"acc_mean": 0.5}, 0)
+tracker.end_cell(run, "FINISHED")
+tracker.end_parent("FINISHED")
+"""
+
+
+def test_tracking_makes_no_outbound_connection(tmp_path):
+    """A tracked run under the network audit hook, with the caller's environment free of MLflow settings: no
+    attempt to leave loopback (MLflow 3's telemetry is switched off by the tracker; on MLflow 2 there is none)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    audit = tmp_path / "audit.jsonl"
+    out = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, str(audit), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not audit.exists() or audit.read_text() == "", audit.read_text()
