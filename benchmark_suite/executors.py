@@ -100,19 +100,20 @@ def grid_session(base: Any, args: argparse.Namespace) -> Iterator[Tuple[Any, Any
     server, runs go through ``--mlflow-server`` (default ``auto`` for a local Ray instance: a server on 127.0.0.1 over
     the configured store, stopped at the end); with ``--address`` an explicit server is required, since a loopback
     server is out of reach of the other nodes."""
-    from fedml_pfedmoap.tracking import MlflowLogger, tracker_from_config
+    from fedml_pfedmoap.tracking import MlflowLogger, _uri_is_explicit, resolve_tracking_uri, tracker_from_config
 
     check_executor_arguments(args)
+    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, _uri_is_explicit(args.set))
+    server = getattr(args, "mlflow_server", None)
+    if args.executor == "ray" and uri and _uri_needs_server(uri) and server is None:
+        if args.address:  # checked before the tracker exists: a refused command creates no store
+            raise UserError(f"--executor ray --address: tracking URI {uri} is a file store that the "
+                            f"cluster's processes must not write at once; pass --mlflow-server http://HOST:PORT "
+                            f"(a server every node reaches), or turn tracking off with "
+                            f"--set tracking_args.mlflow_tracking_uri=null")
+        server = "auto"
     tracker = tracker_from_config(base, args.set)
     with contextlib.ExitStack() as stack:
-        server = getattr(args, "mlflow_server", None)
-        if args.executor == "ray" and tracker.enabled and _uri_needs_server(tracker.uri) and server is None:
-            if args.address:
-                raise UserError(f"--executor ray --address: tracking URI {tracker.uri} is a file store that the "
-                                f"cluster's processes must not write at once; pass --mlflow-server http://HOST:PORT "
-                                f"(a server every node reaches), or turn tracking off with "
-                                f"--set tracking_args.mlflow_tracking_uri=null")
-            server = "auto"
         if server is not None and tracker.enabled and _uri_needs_server(tracker.uri):
             try:
                 from .mlflow_server import tracking_server
