@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from fedml_pfedmoap.errors import UserError
 
@@ -93,10 +93,15 @@ def run_job(job: CellJob, reporter: Any) -> Any:
 
 
 class RayExecutor:
-    """Runs the pending cells as Ray tasks on the connected Ray instance and collects records and failures."""
+    """Runs the pending cells as Ray tasks on the connected Ray instance and collects records and failures;
+    ``submitted_at`` / ``ready_at`` hold each cell's ``time.time()`` of submission and of its result's arrival."""
+
+    body: Callable[..., Any] = staticmethod(run_job)  # the task body (the perf command times a wrapper of it)
 
     def __init__(self, cell_gpus: float, cell_cpus: float, max_retries: int) -> None:
         self.cell_gpus, self.cell_cpus, self.max_retries = cell_gpus, cell_cpus, max_retries
+        self.submitted_at: Dict[str, float] = {}
+        self.ready_at: Dict[str, float] = {}
 
     def _task(self) -> Any:
         env = {k: os.environ[k] for k in (FAULT_ENV, FAULT_RAISE_ENV) if os.environ.get(k)}  # test hooks only
@@ -104,7 +109,7 @@ class RayExecutor:
                                 "max_retries": self.max_retries, "retry_exceptions": False}
         if env:
             opts["runtime_env"] = {"env_vars": env}
-        return ray.remote(run_job).options(**opts)
+        return ray.remote(self.body).options(**opts)
 
     def run(self, runner: GridRunner, pending: Sequence[Any], bar: Any) -> Tuple[Dict[str, Any], List[CellFailure]]:
         from fedml_pfedmoap.experiment import Resources
@@ -116,6 +121,7 @@ class RayExecutor:
         tr = runner.tracker
         reporter = ray.remote(num_cpus=0)(_Reporter).remote()
         task = self._task()
+        self.submitted_at = {c.hash: time.time() for c in pending}
         refs = {task.remote(CellJob(c, f"{i + 1}/{len(pending)}", str(runner.out_dir), tr.uri if tr.enabled else None,
                                     tr.experiment, getattr(tr, "parent_id", None), runner.every), reporter): c
                 for i, c in enumerate(pending)}
@@ -123,9 +129,10 @@ class RayExecutor:
         failures: List[CellFailure] = []
         try:
             while refs:
-                ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=POLL_S, fetch_local=False)
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
                 for ref in ready:
                     cell = refs.pop(ref)
+                    self.ready_at[cell.hash] = time.time()
                     try:
                         records[cell.hash] = ray.get(ref)
                     except ray.exceptions.RayError as err:
@@ -173,8 +180,10 @@ def default_cell_gpus(base: Any) -> float:
 
 
 @contextlib.contextmanager
-def ray_executor(base: Any, args: argparse.Namespace) -> Iterator[RayExecutor]:
-    """Connect to ``--address`` (left running) or start a local Ray instance (shut down on exit, Ctrl-C included)."""
+def ray_executor(base: Any, args: argparse.Namespace, num_cpus: Optional[int] = None,
+                 kind: type = RayExecutor) -> Iterator[RayExecutor]:
+    """Connect to ``--address`` (left running) or start a local Ray instance with ``num_cpus`` CPUs (default: the
+    machine's), shut down on exit, Ctrl-C included; yields a ``kind`` executor."""
     if ray is None:
         raise UserError("--executor ray needs Ray: pip install 'fedml_pfedmoap[ray]'")
     gpus = default_cell_gpus(base) if args.cell_gpus is None else float(args.cell_gpus)
@@ -182,13 +191,13 @@ def ray_executor(base: Any, args: argparse.Namespace) -> Iterator[RayExecutor]:
     # the default (a task without GPUs sees none) is what we want; silence Ray's notice that it may change
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     try:
-        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING, configure_logging=True)
+        ray.init(address=args.address or "local", num_cpus=None if args.address else num_cpus,
+                 include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as err:
         raise UserError(f"--address {args.address}: no Ray cluster reachable there ({error_line(err)})") from None
     logger.info("Ray %s (%s) in %.1f s: %s", "cluster " + args.address if args.address else "local instance",
                 ray.__version__, time.perf_counter() - t0, ray.cluster_resources())
     try:
-        yield RayExecutor(gpus, float(args.cell_cpus), int(args.max_retries))
+        yield kind(gpus, float(args.cell_cpus), int(args.max_retries))
     finally:
         ray.shutdown()

@@ -85,9 +85,6 @@ def _fault_injection(label: str, round_idx: int) -> None:
 class CellProgress(Protocol):
     """How a running cell reports to the grid's one progress bar (in this process, or from a Ray task)."""
 
-    def opened(self, run_id: Optional[str]) -> None:
-        """The cell's tracked run is open (the executor ends it KILLED on Ctrl-C)."""
-
     def rounds(self, done: int, post: Dict[str, str]) -> None:
         """``done`` rounds of the cell are finished (a count, not an increment: a resumed cell reports it again)."""
 
@@ -97,9 +94,6 @@ class BarProgress(CellProgress):
 
     def __init__(self, bar: Any) -> None:
         self.bar, self.done = bar, 0
-
-    def opened(self, run_id: Optional[str]) -> None:
-        return None
 
     def rounds(self, done: int, post: Dict[str, str]) -> None:
         if done > self.done:
@@ -202,10 +196,11 @@ class GridRunner:
                 build_experiment(c.cfg, c.algorithm, c.seed, self.resources, progress=False)
 
     def run_cell(self, cell: Cell, progress: CellProgress, position: str) -> CellRecord:
-        """Run (or continue) one cell with its checkpoints and its tracked run; returns its record. A cell without a
-        checkpoint adopts a RUNNING run of itself under this parent (a Ray task retried before its first checkpoint),
-        so a cell never gets two runs in one invocation."""
-        from fedml_pfedmoap.checkpoint import restore, snapshot
+        """Run (or continue) one cell with its checkpoints and its tracked run; returns its record. For a Ray task run
+        again after its worker died, a cell never gets two runs in one invocation: without a checkpoint it adopts its
+        RUNNING run under this parent, and a finished checkpoint whose run is FINISHED (or with tracking off) is the
+        result."""
+        from fedml_pfedmoap.checkpoint import restore, result_from, snapshot
         from fedml_pfedmoap.experiment import build_experiment
         from fedml_pfedmoap.tracking import git_commit
 
@@ -213,6 +208,9 @@ class GridRunner:
         sim, store, tr = exp.simulator, self.store(cell), self.tracker
         ckpt = None if self.rerun else store.load(cell.hash)
         if ckpt is not None and ckpt.get("finished"):
+            if self._finished_run(ckpt.get("mlflow_run_id")):
+                return CellRecord.from_result(cell, result_from(ckpt), ckpt.get("mlflow_run_id"), exp.partition.hash,
+                                              git_commit())
             ckpt = None  # finished by a run whose MLflow record is gone: run it again
         run_id = None if ckpt is not None else self._orphan_run(cell)
         if ckpt is not None:
@@ -238,7 +236,6 @@ class GridRunner:
         try:
             run_id = self._open_run(cell, exp, ckpt, run_id)
             opened = True
-            progress.opened(run_id)
             result = sim.run()
             self._close_run(run_id, result)
         except BaseException as err:
@@ -249,6 +246,18 @@ class GridRunner:
         store.prev.unlink(missing_ok=True)
         logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
+
+    def _finished_run(self, run_id: Optional[str]) -> bool:
+        """Whether a finished checkpoint stands for a finished cell: tracking off, or its run is FINISHED."""
+        if not self.tracker.enabled:
+            return True
+        client = getattr(self.tracker, "client", None)
+        try:
+            run = client.get_run(run_id) if run_id and client is not None else None
+            return run is not None and run.info.status == "FINISHED" and \
+                run.info.experiment_id == self.tracker.experiment_id
+        except Exception:  # noqa: BLE001 - deleted run, other store: not finished here
+            return False
 
     def _orphan_run(self, cell: Cell) -> Optional[str]:
         """The id of a RUNNING run of ``cell`` under this invocation's parent run, if any."""

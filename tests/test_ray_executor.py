@@ -119,7 +119,7 @@ def test_ctrl_c_with_a_local_instance_leaves_nothing_behind(tmp_path, cache, ser
     """Without --address the command starts its own Ray instance; Ctrl-C (SIGINT to the whole process group, as a
     terminal sends it) ends the runs as KILLED, writes no outputs and leaves no process of the session alive."""
     grid = write_grid(tmp_path, cache, uri=server, **{**TINY_GRID, "benchmark_args": {
-        "name": "tiny-int", "algorithms": ["local", "promptfl"], "seeds": [0]}})
+        "name": "tiny-int", "algorithms": ["promptfl"], "seeds": [0]}})
     proc = _driver(grid, "--cell-cpus", "1", PFEDMOAP_FAULT_STALL="promptfl/seed0@0")
     try:
         _stalled_pid(proc)
@@ -134,7 +134,7 @@ def test_ctrl_c_with_a_local_instance_leaves_nothing_behind(tmp_path, cache, ser
     assert left == []  # raylet, GCS, workers: all gone with the driver
     parents, children = child_runs(server, "tiny-int")
     assert [p.info.status for p in parents] == ["KILLED"]
-    assert {r.data.tags["algorithm"]: r.info.status for r in children}["promptfl"] == "KILLED"
+    assert [r.info.status for r in children] == ["KILLED"]
     assert not (tmp_path / "out" / "tiny-int" / "summary.csv").exists()
 
 
