@@ -1,8 +1,8 @@
 """``pfedmoap-bench``: the benchmark command line. Each subcommand lives in its own module, imported lazily.
 
 Subcommands: ``run`` (grid runs, MLflow, resume), ``leaderboard`` (from MLflow), ``partition`` (write and show a
-partition), ``pretrain-mini`` (build the embedded mini CLIP), ``perf`` (naive vs optimized speed table), ``perf-executor``
-(Ray vs sequential executor).
+partition), ``pretrain-mini`` (build the embedded mini CLIP), ``perf`` (naive vs optimized speed table),
+``perf-executor`` (Ray vs sequential executor).
 Each module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""How ``pfedmoap-bench run`` executes the pending cells of a grid (docs/benchmark.md §Multi-GPU machines and clusters).
+"""How ``pfedmoap-bench run`` executes the pending cells of a grid (docs/benchmark.md §Multi-GPU machines and
+clusters).
 
 * ``sequential`` (default): one cell after the other in this process, sharing one ``Resources``;
 * ``ray``: every cell is a Ray task in a worker process of its own (``ray_executor.py``, Ray imported only then).

@@ -195,9 +195,13 @@ def ray_executor(base: Any, args: argparse.Namespace, num_cpus: Optional[int] = 
                  include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     except ConnectionError as err:
         raise UserError(f"--address {args.address}: no Ray cluster reachable there ({error_line(err)})") from None
-    logger.info("Ray %s (%s) in %.1f s: %s", "cluster " + args.address if args.address else "local instance",
-                ray.__version__, time.perf_counter() - t0, ray.cluster_resources())
     try:
+        have = ray.cluster_resources()
+        logger.info("Ray %s (%s) in %.1f s: %s", "cluster " + args.address if args.address else "local instance",
+                    ray.__version__, time.perf_counter() - t0, have)
+        for flag, key, want in (("--cell-cpus", "CPU", float(args.cell_cpus)), ("--cell-gpus", "GPU", gpus)):
+            if want > have.get(key, 0.0):  # such a task would wait for ever
+                raise UserError(f"{flag} {want:g}: the Ray cluster has {have.get(key, 0.0):g} {key}(s) in all")
         yield kind(gpus, float(args.cell_cpus), int(args.max_retries))
     finally:
         ray.shutdown()

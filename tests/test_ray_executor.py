@@ -138,6 +138,14 @@ def test_ctrl_c_with_a_local_instance_leaves_nothing_behind(tmp_path, cache, ser
     assert not (tmp_path / "out" / "tiny-int" / "summary.csv").exists()
 
 
+def test_a_cell_larger_than_the_cluster_is_refused(tmp_path, cache, cluster):
+    rc, out, err = cli("run", "--config", str(write_grid(tmp_path, cache, uri=None)), "--no-progress",
+                       "--executor", "ray", "--address", cluster, "--cell-cpus", "3")
+    assert rc == 2, err
+    assert err.strip().splitlines()[-1] == \
+        "pfedmoap-bench run: error: --cell-cpus 3: the Ray cluster has 2 CPU(s) in all"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--address", "127.0.0.1:1"], "--address: only with --executor ray"),
     (["--executor", "ray", "--cell-cpus", "0"], "--cell-cpus: expected a number > 0, got 0"),
