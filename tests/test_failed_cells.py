@@ -1,5 +1,6 @@
 """A cell that raises, with the sequential executor: its run ends FAILED, the other cells still run, the command lists
-the failed cell with its error line and exits 1; the same command then runs only that cell."""
+the failed cell with its error line and exits 1; the same command then runs only that cell. And a cell run again within
+one invocation (a retried Ray task, here in-process) keeps its one MLflow run."""
 from bench_helpers import child_runs, cli, write_grid
 
 
@@ -26,3 +27,30 @@ def test_failing_cell_is_listed_and_the_grid_goes_on(tmp_path, monkeypatch):
     _, children = child_runs(uri, "tiny")
     local = [r for r in children if r.data.tags["algorithm"] == "local"]
     assert len(local) == 1 and local[0].info.status == "FINISHED"  # the failed run resumed from its checkpoint
+
+
+def test_a_cell_run_again_in_one_invocation_keeps_its_one_run(tmp_path, monkeypatch):
+    """What a Ray task run again after its worker died finds: without a checkpoint it adopts the RUNNING run it had
+    opened under this parent; after a finished checkpoint and FINISHED run it returns that result, opening nothing."""
+    from tqdm import tqdm
+
+    from benchmark_suite.grid import expand_grid
+    from benchmark_suite.runner import BarProgress, GridRunner
+    from fedml_pfedmoap.config import load_config
+    from fedml_pfedmoap.tracking import tracker_from_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    grid = write_grid(tmp_path, tmp_path / "cache", train_args={"comm_round": 2})
+    base = load_config(grid)
+    (cell,) = expand_grid(base, ["algo=local"])
+    tracker = tracker_from_config(base)
+    runner = GridRunner(tmp_path / "out", tracker, progress=False)
+    tracker.start_parent("grid")
+    orphan = tracker.start_cell(cell.run_name, {}, cell.tags())  # opened, then the worker died
+    bar = tqdm(disable=True)
+    first = runner.run_cell(cell, BarProgress(bar), "1/1")
+    again = runner.run_cell(cell, BarProgress(bar), "1/1")  # died after finishing, before returning
+    _, children = child_runs(tracker.uri, "tiny")
+    assert [r.info.run_id for r in children] == [orphan] and children[0].info.status == "FINISHED"
+    assert first.run_id == again.run_id == orphan
+    assert [r["acc_mean"] for r in again.rounds] == [r["acc_mean"] for r in first.rounds] and len(first.rounds) == 2
