@@ -7,23 +7,19 @@ clusters).
 Both keep going when a cell raises: the cell's run is ended FAILED, the failure (label and error line) is collected and
 the rest of the grid runs; ``runner.main`` lists the failed cells and exits 1. Ctrl-C stops everything.
 
-:func:`grid_session` opens what a grid invocation needs for its whole life: the tracker (with the Ray executor a file
-store such as sqlite is served by an MLflow tracking server, since many processes must not write one sqlite file) and
-the executor (a Ray instance started here is shut down at the end).
+``session.grid_session`` opens the tracker and the executor of one invocation.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Protocol, Sequence, Tuple
 
 from fedml_pfedmoap.errors import UserError
 
 logger = logging.getLogger(__name__)
 EXECUTORS = ("sequential", "ray")
-HTTP = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -70,12 +66,31 @@ def check_executor_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--max-retries: expected an integer >= 0, got {args.max_retries}")
 
 
+class CellProgress(Protocol):
+    """How a running cell reports to the grid's one progress bar (in this process, or from a Ray task)."""
+
+    def rounds(self, done: int, post: Dict[str, str]) -> None:
+        """``done`` rounds of the cell are finished (a count, not an increment: a resumed cell reports it again)."""
+
+
+class BarProgress(CellProgress):
+    """One cell's reports turned into increments of a tqdm bar."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.done = bar, 0
+
+    def rounds(self, done: int, post: Dict[str, str]) -> None:
+        if done > self.done:
+            self.bar.update(done - self.done)
+            self.done = done
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+
+
 class SequentialExecutor:
     """The cells one after the other in this process; a cell that raises is reported and the next one runs."""
 
     def run(self, runner: Any, pending: Sequence[Any], bar: Any) -> Tuple[Dict[str, Any], List[CellFailure]]:
-        from .runner import BarProgress
-
         records: Dict[str, Any] = {}
         failures: List[CellFailure] = []
         progress = BarProgress(bar)
@@ -89,42 +104,3 @@ class SequentialExecutor:
                 failures.append(CellFailure(cell.label, error_line(err)))
                 bar.update(before + cell.cfg.train_args.comm_round - bar.n)  # its rounds leave the bar's ETA
         return records, failures
-
-
-def _uri_needs_server(uri: str) -> bool:
-    return not uri.startswith(HTTP)
-
-
-@contextlib.contextmanager
-def grid_session(base: Any, args: argparse.Namespace) -> Iterator[Tuple[Any, Any]]:
-    """(tracker, executor) for one ``run`` invocation. With ``--executor ray`` and a store that is not an http(s)
-    server, runs go through ``--mlflow-server`` (default ``auto`` for a local Ray instance: a server on 127.0.0.1 over
-    the configured store, stopped at the end); with ``--address`` an explicit server is required, since a loopback
-    server is out of reach of the other nodes."""
-    from fedml_pfedmoap.tracking import MlflowLogger, _uri_is_explicit, resolve_tracking_uri, tracker_from_config
-
-    check_executor_arguments(args)
-    uri = resolve_tracking_uri(base.tracking_args.mlflow_tracking_uri, _uri_is_explicit(args.set))
-    server = getattr(args, "mlflow_server", None)
-    if args.executor == "ray" and uri and _uri_needs_server(uri) and server is None:
-        if args.address:  # checked before the tracker exists: a refused command creates no store
-            raise UserError(f"--executor ray --address: tracking URI {uri} is a file store that the "
-                            f"cluster's processes must not write at once; pass --mlflow-server http://HOST:PORT "
-                            f"(a server every node reaches), or turn tracking off with "
-                            f"--set tracking_args.mlflow_tracking_uri=null")
-        server = "auto"
-    tracker = tracker_from_config(base, args.set)
-    with contextlib.ExitStack() as stack:
-        if server is not None and tracker.enabled and _uri_needs_server(tracker.uri):
-            try:
-                from .mlflow_server import tracking_server
-            except ImportError as err:  # pragma: no cover - the module ships with the package
-                raise UserError(f"--mlflow-server: the tracking server helper is missing ({err})") from None
-            tracker = MlflowLogger(stack.enter_context(tracking_server(server, tracker.uri)), tracker.experiment)
-        if args.executor == "ray":
-            from .ray_executor import ray_executor
-
-            executor = stack.enter_context(ray_executor(base, args))
-        else:
-            executor = SequentialExecutor()
-        yield tracker, executor

@@ -12,7 +12,6 @@ pre-run checks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile

@@ -27,8 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from fedml_pfedmoap.errors import UserError
 
-from .executors import CellFailure, error_line
-from .runner import FAULT_ENV, FAULT_RAISE_ENV, CellProgress, GridRunner
+from .executors import CellFailure, CellProgress, error_line
 
 try:
     import ray
@@ -37,6 +36,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.5
+FAULT_PREFIX = "PFEDMOAP_FAULT_"
 _WORKER_RESOURCES: Dict[str, Any] = {}  # per worker process, keyed by its visible GPUs
 
 
@@ -51,6 +51,7 @@ class CellJob:
     experiment: str
     parent_id: Optional[str]
     checkpoint_every: int
+    runner_cls: type  # runner.GridRunner (passed in: this module does not import the runner)
 
 
 class _Reporter:
@@ -87,7 +88,7 @@ def run_job(job: CellJob, reporter: Any) -> Any:
     tracker: Any = NullLogger(job.experiment) if job.uri is None else MlflowLogger(job.uri, job.experiment)
     tracker.parent_id = job.parent_id
     resources = _WORKER_RESOURCES.setdefault(os.environ.get("CUDA_VISIBLE_DEVICES", ""), Resources())
-    runner = GridRunner(Path(job.out_dir), tracker, progress=False, checkpoint_every=job.checkpoint_every,
+    runner = job.runner_cls(Path(job.out_dir), tracker, progress=False, checkpoint_every=job.checkpoint_every,
                         resources=resources)
     return runner.run_cell(job.cell, ActorProgress(reporter, job.cell.hash), job.position)
 
@@ -104,14 +105,14 @@ class RayExecutor:
         self.ready_at: Dict[str, float] = {}
 
     def _task(self) -> Any:
-        env = {k: os.environ[k] for k in (FAULT_ENV, FAULT_RAISE_ENV) if os.environ.get(k)}  # test hooks only
+        env = {k: v for k, v in os.environ.items() if k.startswith(FAULT_PREFIX) and v}  # the runner's test hooks
         opts: Dict[str, Any] = {"num_cpus": self.cell_cpus, "num_gpus": self.cell_gpus,
                                 "max_retries": self.max_retries, "retry_exceptions": False}
         if env:
             opts["runtime_env"] = {"env_vars": env}
         return ray.remote(self.body).options(**opts)
 
-    def run(self, runner: GridRunner, pending: Sequence[Any], bar: Any) -> Tuple[Dict[str, Any], List[CellFailure]]:
+    def run(self, runner: Any, pending: Sequence[Any], bar: Any) -> Tuple[Dict[str, Any], List[CellFailure]]:
         from fedml_pfedmoap.experiment import Resources
 
         runner.resources = Resources()  # the pre-run checks' models and features: the tasks build their own
@@ -123,7 +124,8 @@ class RayExecutor:
         task = self._task()
         self.submitted_at = {c.hash: time.time() for c in pending}
         refs = {task.remote(CellJob(c, f"{i + 1}/{len(pending)}", str(runner.out_dir), tr.uri if tr.enabled else None,
-                                    tr.experiment, getattr(tr, "parent_id", None), runner.every), reporter): c
+                                    tr.experiment, getattr(tr, "parent_id", None), runner.every, type(runner)),
+                          reporter): c
                 for i, c in enumerate(pending)}
         records: Dict[str, Any] = {}
         failures: List[CellFailure] = []

@@ -24,10 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from fedml_pfedmoap.tracking import NullLogger, TrackingLogger
 
+from .executors import CellProgress
 from .grid import Cell, CellRecord, expand_grid, unique_cells
 
 logger = logging.getLogger(__name__)
@@ -80,27 +81,6 @@ def _fault_injection(label: str, round_idx: int) -> None:
                 raise RuntimeError(f"injected fault in {label} after round {round_idx}")
             print(f"FAULT-STALL {label} round {round_idx} pid {os.getpid()}", file=sys.stderr, flush=True)
             time.sleep(3600)
-
-
-class CellProgress(Protocol):
-    """How a running cell reports to the grid's one progress bar (in this process, or from a Ray task)."""
-
-    def rounds(self, done: int, post: Dict[str, str]) -> None:
-        """``done`` rounds of the cell are finished (a count, not an increment: a resumed cell reports it again)."""
-
-
-class BarProgress(CellProgress):
-    """One cell's reports turned into increments of a tqdm bar."""
-
-    def __init__(self, bar: Any) -> None:
-        self.bar, self.done = bar, 0
-
-    def rounds(self, done: int, post: Dict[str, str]) -> None:
-        if done > self.done:
-            self.bar.update(done - self.done)
-            self.done = done
-        if post:
-            self.bar.set_postfix(post, refresh=False)
 
 
 class GridRunner:
@@ -324,7 +304,7 @@ class GridRunner:
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
 
-    from .executors import grid_session
+    from .session import grid_session
 
     logging.getLogger("benchmark_suite").setLevel(logging.INFO)  # skip/resume/finish notes (the root logger is quiet)
     base = load_config(args.config, args.set)

@@ -34,8 +34,9 @@ def test_a_cell_run_again_in_one_invocation_keeps_its_one_run(tmp_path, monkeypa
     opened under this parent; after a finished checkpoint and FINISHED run it returns that result, opening nothing."""
     from tqdm import tqdm
 
+    from benchmark_suite.executors import BarProgress
     from benchmark_suite.grid import expand_grid
-    from benchmark_suite.runner import BarProgress, GridRunner
+    from benchmark_suite.runner import GridRunner
     from fedml_pfedmoap.config import load_config
     from fedml_pfedmoap.tracking import tracker_from_config
 
