@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,14 +98,17 @@ def ray_node(root: Path, name: str, args: List[str]) -> Iterator["subprocess.Pop
 @contextlib.contextmanager
 def loopback_cluster() -> Iterator[str]:
     """A head node and a second (worker) node, 1 CPU each; yields the head's address."""
-    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths live under it
     port, client, dash = free_ports(3)
     address = f"127.0.0.1:{port}"
-    with ray_node(root, "h", ["--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                              "--include-dashboard=false", "--dashboard-port", str(dash),
-                              "--ray-client-server-port", str(client)]):
-        with ray_node(root, "w", ["--address", address]):
-            yield address
+    try:
+        with ray_node(root, "h", ["--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                                  "--include-dashboard=false", "--dashboard-port", str(dash),
+                                  "--ray-client-server-port", str(client)]):
+            with ray_node(root, "w", ["--address", address]):
+                yield address
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
