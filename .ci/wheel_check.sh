@@ -44,7 +44,7 @@ echo "== wheel check: every module imports from the wheel"
 python - "$FRESH" "$WORK/src" <<'PYEOF' || fail "module imports"
 import importlib, importlib.util, os, pkgutil, sys
 fresh = sys.argv[1]
-ENGINES = {"fedml_pfedmoap.fedml_plugin": "fedml", "fedml_pfedmoap.flower": "flwr"}  # subpackage -> its engine
+ENGINES = {"fedml_pfedmoap.fedml_plugin": "fedml", "fedml_pfedmoap.flower": "flwr", "benchmark_suite.ray_executor": "ray"}  # subpackage -> its engine
 
 def walk(folder, prefix):  # every module in the installed tree, found on disk, nothing imported
     found = [prefix]

@@ -1,7 +1,8 @@
 """``pfedmoap-bench``: the benchmark command line. Each subcommand lives in its own module, imported lazily.
 
 Subcommands: ``run`` (grid runs, MLflow, resume), ``leaderboard`` (from MLflow), ``partition`` (write and show a
-partition), ``pretrain-mini`` (build the embedded mini CLIP), ``perf`` (naive vs optimized speed table).
+partition), ``pretrain-mini`` (build the embedded mini CLIP), ``perf`` (naive vs optimized speed table),
+``perf-executor`` (Ray vs sequential executor).
 Each module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "partition": ("benchmark_suite.partition_cmd", "write a partition file and show its client × class histogram"),
     "pretrain-mini": ("benchmark_suite.pretrain_mini", "build (or load) the offline mini CLIP checkpoint"),
     "perf": ("benchmark_suite.perf", "naive vs optimized per-round timings, memory and TFLOP/s"),
+    "perf-executor": ("benchmark_suite.perf_executor", "Ray executor overhead per cell, grid time vs sequential"),
 }
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from fedml_pfedmoap.federated.metrics import (B2N_METRICS, EXTRA_ROUND_METRICS, PRIVACY_METRICS, ROUND_METRICS,
                                              SUMMARY_METRICS, VALIDATION_METRICS)
+from fedml_pfedmoap.fileio import atomic_path, atomic_write_text
 from fedml_pfedmoap.tracking import MlflowLogger
 
 from .grid import Cell, CellRecord, expand_grid
@@ -299,8 +300,7 @@ CSV_COLUMNS = ["dataset", "split", "override", "algorithm", "seed", "data_seed",
 
 def write_summary_csv(records: Sequence[CellRecord], path: Path) -> Path:
     """Long form: one row per (cell, round) with that round's metrics; the cell's summary repeated on each row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:  # readers never see half a file
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in records:
@@ -322,7 +322,7 @@ def write_outputs(records: Sequence[CellRecord], out_dir: Path, title: str, caut
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [write_summary_csv(records, out_dir / "summary.csv")]
     md = out_dir / "LEADERBOARD.md"
-    md.write_text(markdown(records, headline, title, caution, source, missing))
+    atomic_write_text(md, markdown(records, headline, title, caution, source, missing))
     paths.append(md)
     groups: Dict[Tuple[str, str, str], List[CellRecord]] = {}
     for r in records:

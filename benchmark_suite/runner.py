@@ -1,13 +1,17 @@
 """``pfedmoap-bench run --config FILE [--set key=value ...] [--only algo=...]``: run a benchmark grid.
 
-The grid (``benchmark_args``, see ``grid.py``) is expanded and validated before anything runs. Cells run one after
-the other in one process and share one ``Resources`` (backbone, dataset, cached features) and, through the partition
-files, one partition per (dataset, split, data seed). Each cell logs to MLflow (a nested run under this invocation's
+The grid (``benchmark_args``, see ``grid.py``) is expanded and validated before anything runs. An executor
+(``executors.py``) runs the pending cells: ``sequential`` (default) one after the other in this process, sharing one
+``Resources`` (backbone, dataset, cached features); ``ray`` each cell as a Ray task in a worker process of its own
+(``ray_executor.py``, docs/benchmark.md §Multi-GPU machines and clusters). Cells of one (dataset, split, data seed)
+share one partition through the partition files. Each cell logs to MLflow (a nested run under this invocation's
 parent run) and checkpoints at every round boundary; a rerun skips finished cells and continues an interrupted cell
 from its last checkpoint with the same final numbers. At the end the leaderboard table is printed and
 ``<output_dir>/<benchmark>/summary.csv``, ``LEADERBOARD.md`` and plots are written (from MLflow when tracking is on).
-Every pre-run check (data present, partition possible, model resolvable) runs before any MLflow experiment or run is
-created, so a failed check leaves nothing behind; Ctrl-C ends the open runs as KILLED and raises :class:`Interrupted`.
+Every pre-run check (data present, partition possible, model resolvable) runs in this process before any MLflow
+experiment or run is created, so a failed check leaves nothing behind. A cell that raises is ended FAILED, the others
+still run, and the command lists the failed cells and exits 1; Ctrl-C ends the open runs as KILLED and raises
+:class:`Interrupted`.
 Logging goes through ``fedml_pfedmoap.tracking.TrackingLogger`` (a no-op logger when tracking is off); see
 docs/benchmark.md §Running a grid and §Where the results go.
 """
@@ -22,14 +26,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from fedml_pfedmoap.config import Config
 from fedml_pfedmoap.tracking import NullLogger, TrackingLogger
 
-from . import mlflow_server, shards
+from . import shards
+from .executors import CellProgress
 from .grid import Cell, CellRecord, expand_grid, unique_cells
 
 logger = logging.getLogger(__name__)
-FAULT_ENV = "PFEDMOAP_FAULT_STALL"  # test hook "<cell label substring>@<round>": stall after that round's checkpoint
+# test hooks "<cell label substring>@<round>": stall (printing the process id) or raise after that round's checkpoint
+FAULT_ENV = "PFEDMOAP_FAULT_STALL"
+FAULT_RAISE_ENV = "PFEDMOAP_FAULT_RAISE"
 
 
 class Interrupted(Exception):
@@ -52,8 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--checkpoint-every", type=int, default=1, metavar="R", help="checkpoint every R rounds")
     parser.add_argument("--headline", default="acc_last5", choices=("acc_last5", "acc_last"))
-    mlflow_server.add_argument(parser)
     shards.add_argument(parser)
+    from .executors import add_executor_arguments
+    from .mlflow_server import add_argument as add_server_argument
+
+    add_server_argument(parser)
+    add_executor_arguments(parser)
 
 
 def cell_params(cell: Cell, partition_hash: str) -> Dict[str, Any]:
@@ -65,21 +75,27 @@ def cell_params(cell: Cell, partition_hash: str) -> Dict[str, Any]:
 
 
 def _fault_injection(label: str, round_idx: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or "@" not in spec:
-        return
-    where, rnd = spec.rsplit("@", 1)
-    if where in label and int(rnd) == round_idx:
-        print(f"FAULT-STALL {label} round {round_idx}", file=sys.stderr, flush=True)
-        time.sleep(3600)
+    for env in (FAULT_ENV, FAULT_RAISE_ENV):
+        spec = os.environ.get(env)
+        if not spec or "@" not in spec:
+            continue
+        where, rnd = spec.rsplit("@", 1)
+        if where in label and int(rnd) == round_idx:
+            if env == FAULT_RAISE_ENV:
+                raise RuntimeError(f"injected fault in {label} after round {round_idx}")
+            print(f"FAULT-STALL {label} round {round_idx} pid {os.getpid()}", file=sys.stderr, flush=True)
+            time.sleep(3600)
 
 
 class GridRunner:
     """Runs cells with shared resources, MLflow logging, checkpoints and one progress bar with an ETA."""
 
     def __init__(self, out_dir: Path, tracker: Optional[TrackingLogger] = None, progress: bool = True,
-                 rerun: bool = False, checkpoint_every: int = 1) -> None:
+                 rerun: bool = False, checkpoint_every: int = 1, executor: Optional[Any] = None,
+                 resources: Optional[Any] = None) -> None:
         from fedml_pfedmoap.experiment import Resources
+
+        from .executors import SequentialExecutor
 
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -87,8 +103,10 @@ class GridRunner:
         self.progress = progress
         self.rerun = rerun
         self.every = max(1, int(checkpoint_every))
-        self.resources = Resources()
+        self.resources = resources if resources is not None else Resources()
+        self.executor = executor if executor is not None else SequentialExecutor()
         self.ran: List[str] = []  # labels of the cells run (or continued) by this invocation
+        self.failed: List[Any] = []  # executors.CellFailure of the cells that raised
         self._tmp = tempfile.TemporaryDirectory(prefix="pfedmoap-bench-")
         self._partition_png: Dict[tuple, Path] = {}
 
@@ -133,9 +151,9 @@ class GridRunner:
         bar = tqdm(total=total, unit="round", desc="grid", disable=not self.progress, dynamic_ncols=True)
         status = "FAILED"
         try:
-            for i, cell in enumerate(pending):
-                records[cell.hash] = self.run_cell(cell, bar, f"{i + 1}/{len(pending)}")
-            status = "FINISHED"
+            records, self.failed = self.executor.run(self, pending, bar)
+            self.ran += [c.label for c in pending if c.hash in records]
+            status = "FAILED" if self.failed else "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise Interrupted() from None
@@ -161,9 +179,12 @@ class GridRunner:
                 seen.add(key)
                 build_experiment(c.cfg, c.algorithm, c.seed, self.resources, progress=False)
 
-    def run_cell(self, cell: Cell, bar: Any, position: str) -> CellRecord:
-        """Run (or continue) one cell with its checkpoints and its tracked run; returns its record."""
-        from fedml_pfedmoap.checkpoint import restore, snapshot
+    def run_cell(self, cell: Cell, progress: CellProgress, position: str) -> CellRecord:
+        """Run (or continue) one cell with its checkpoints and its tracked run; returns its record. For a Ray task run
+        again after its worker died, a cell never gets two runs in one invocation: without a checkpoint it adopts its
+        RUNNING run under this parent, and a finished checkpoint whose run is FINISHED (or with tracking off) is the
+        result."""
+        from fedml_pfedmoap.checkpoint import restore, result_from, snapshot
         from fedml_pfedmoap.experiment import build_experiment
         from fedml_pfedmoap.tracking import git_commit
 
@@ -171,13 +192,16 @@ class GridRunner:
         sim, store, tr = exp.simulator, self.store(cell), self.tracker
         ckpt = None if self.rerun else store.load(cell.hash)
         if ckpt is not None and ckpt.get("finished"):
+            if self._finished_run(ckpt.get("mlflow_run_id")):
+                return CellRecord.from_result(cell, result_from(ckpt), ckpt.get("mlflow_run_id"), exp.partition.hash,
+                                              git_commit())
             ckpt = None  # finished by a run whose MLflow record is gone: run it again
-        run_id = None
+        run_id = None if ckpt is not None else self._orphan_run(cell)
         if ckpt is not None:
             restore(sim, ckpt)
             run_id = ckpt.get("mlflow_run_id")
             logger.info("resume %s from round %d", cell.label, sim.next_round)
-            bar.update(sim.next_round)
+            progress.rounds(sim.next_round, {})
 
         def on_round(m: Dict[str, Any], s: Any) -> None:
             t = int(m["round"])
@@ -185,11 +209,10 @@ class GridRunner:
                 store.save(snapshot(s, cell.hash, run_id))
             _fault_injection(cell.label, t)
             tr.log_round(run_id, m, t)
-            bar.update(1)
             post = {"cell": f"{position} {cell.label}", "clients": f"{m.get('participants', '?')}/{s.num_clients}"}
             if "acc_mean" in m:
                 post["acc"] = f"{m['acc_mean']:.3f}"
-            bar.set_postfix(post, refresh=False)
+            progress.rounds(s.next_round, post)
 
         sim.on_round = on_round
         t0 = time.perf_counter()
@@ -205,9 +228,30 @@ class GridRunner:
             raise
         store.save(snapshot(sim, cell.hash, run_id, finished=True))
         store.prev.unlink(missing_ok=True)
-        self.ran.append(cell.label)
         logger.info("finished %s in %.1f s: %s", cell.label, time.perf_counter() - t0, result)
         return CellRecord.from_result(cell, result, run_id, exp.partition.hash, git_commit())
+
+    def _finished_run(self, run_id: Optional[str]) -> bool:
+        """Whether a finished checkpoint stands for a finished cell: tracking off, or its run is FINISHED."""
+        if not self.tracker.enabled:
+            return True
+        client = getattr(self.tracker, "client", None)
+        try:
+            run = client.get_run(run_id) if run_id and client is not None else None
+            return run is not None and run.info.status == "FINISHED" and \
+                run.info.experiment_id == self.tracker.experiment_id
+        except Exception:  # noqa: BLE001 - deleted run, other store: not finished here
+            return False
+
+    def _orphan_run(self, cell: Cell) -> Optional[str]:
+        """The id of a RUNNING run of ``cell`` under this invocation's parent run, if any."""
+        client, parent = getattr(self.tracker, "client", None), getattr(self.tracker, "parent_id", None)
+        if client is None or not parent:
+            return None
+        runs = client.search_runs([self.tracker.experiment_id],
+                                  f"tags.cell_hash = '{cell.hash}' and tags.`mlflow.parentRunId` = '{parent}' "
+                                  "and attributes.status = 'RUNNING'", max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def _open_run(self, cell: Cell, exp: Any, ckpt: Optional[Dict[str, Any]],
                   run_id: Optional[str]) -> Optional[str]:
@@ -263,7 +307,8 @@ class GridRunner:
 
 def main(args: argparse.Namespace) -> int:
     from fedml_pfedmoap.config import load_config
-    from fedml_pfedmoap.tracking import tracker_from_config
+
+    from .session import grid_session
 
     logging.getLogger("benchmark_suite").setLevel(logging.INFO)  # skip/resume/finish notes (the root logger is quiet)
     base = load_config(args.config, args.set)
@@ -272,12 +317,12 @@ def main(args: argparse.Namespace) -> int:
         for c in cells:
             print(f"{c.label}  [{c.hash}]")
         return 0
-    with mlflow_server.served_tracker(args.mlflow_server, tracker_from_config(base, args.set)) as tracker:
-        return _run_grid(args, base, cells, tracker)
+    with grid_session(base, args) as (tracker, executor):  # the tracking server and Ray instance live this long
+        return _run_grid(args, base, cells, tracker, executor)
 
 
-def _run_grid(args: argparse.Namespace, base: Config, cells: List[Cell], tracker: TrackingLogger) -> int:
-    """Run the grid's cells with ``tracker`` and write the leaderboard files."""
+def _run_grid(args: argparse.Namespace, base: Any, cells: List[Cell], tracker: TrackingLogger, executor: Any) -> int:
+    """Run the pending cells, write the outputs, print the table; 1 when a cell failed, else 0."""
     from fedml_pfedmoap.tracking import git_commit
 
     from . import leaderboard as lb
@@ -286,11 +331,11 @@ def _run_grid(args: argparse.Namespace, base: Config, cells: List[Cell], tracker
     bench = base.benchmark_args.name
     out_dir = Path(base.common_args.output_dir) / bench
     runner = GridRunner(out_dir, tracker, progress=not args.no_progress, rerun=args.rerun,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every, executor=executor)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     tags = {"benchmark": bench, "config_file": str(args.config), "git_commit": git_commit(),
             "sets": " ".join(args.set), "only": " ".join(args.only), "cells": str(len(cells)),
-            "shard": args.shard or ""}
+            "shard": args.shard or "", "executor": args.executor}
     ran = runner.run(cells, f"{bench} {stamp}", tags)
     if tracker.enabled:  # the table and files come from MLflow, the single source of truth
         records, missing = lb.collect_from_mlflow(tracker, cells)
@@ -304,9 +349,13 @@ def _run_grid(args: argparse.Namespace, base: Config, cells: List[Cell], tracker
     paths = lb.write_outputs(records, out_dir, bench, base.benchmark_args.caution, args.headline,
                              f"{source}, {stamp}", [c.label for c in missing])
     print(lb.console_table(records, base.benchmark_args.caution))
-    print(f"ran {len(runner.ran)} cell(s), {len(cells) - len(runner.ran)} already finished; wrote "
-          f"{out_dir / 'summary.csv'}, {out_dir / 'LEADERBOARD.md'} and {len(paths) - 2} plot(s)"
+    print(f"ran {len(runner.ran)} cell(s), {len(cells) - len(runner.ran) - len(runner.failed)} already finished; "
+          f"wrote {out_dir / 'summary.csv'}, {out_dir / 'LEADERBOARD.md'} and {len(paths) - 2} plot(s)"
           + (f"; MLflow: {uri} (mlflow ui --backend-store-uri {uri})" if uri and uri.startswith("sqlite") else
              f"; MLflow: {uri}" if uri else ""))
+    if runner.failed:
+        print(f"{len(runner.failed)} cell(s) failed (rerun the same command to retry them):")
+        for f in runner.failed:
+            print(f"  {f.label}: {f.error}")
+        return 1
     return 0
-

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_PACKAGES = ("fedml_pfedmoap.fedml_plugin", "fedml_pfedmoap.flower")
+ENGINE_PACKAGES = ("fedml_pfedmoap.fedml_plugin", "fedml_pfedmoap.flower", "benchmark_suite.ray_executor")
 ENGINE_MODULES = ("fedml", "flwr", "ray", "mpi4py")
 
 SCRIPT = r"""

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("flwr")
 pytestmark = pytest.mark.flower
 
 

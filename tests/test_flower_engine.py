@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("flwr")
 pytestmark = pytest.mark.flower
 
 ROOT = Path(__file__).resolve().parent.parent
