@@ -60,7 +60,7 @@ def start_stalled_run(grid: Path, stall: str) -> "subprocess.Popen[str]":
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, "-m", "benchmark_suite.cli", "run", "--config", str(grid),
                              "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=sigint_default)
     try:
         wait_for_marker(proc, "FAULT-STALL", timeout=300)
     except BaseException:
@@ -71,18 +71,33 @@ def start_stalled_run(grid: Path, stall: str) -> "subprocess.Popen[str]":
 
 
 def wait_for_marker(proc: "subprocess.Popen[str]", marker: str, timeout: float) -> str:
-    """The first stderr line of ``proc`` containing ``marker``; fails with the stderr tail after ``timeout`` s."""
-    deadline, seen = time.monotonic() + timeout, []
+    """The first stderr line of ``proc`` containing ``marker``; fails with the stderr tail after ``timeout`` s.
+
+    Reads the pipe's file descriptor directly: ``select`` on a buffered text stream would miss a line that arrived in
+    the same chunk as the one before it (it sits in the stream's buffer while the descriptor is drained)."""
+    deadline, buf, seen = time.monotonic() + timeout, b"", []
+    fd = proc.stderr.fileno()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-        if ready:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                break
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk and proc.poll() is not None:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace") + "\n"
             seen.append(line)
             if marker in line:
                 return line
     raise AssertionError(f"no {marker!r} within {timeout} s; stderr tail: {''.join(seen[-20:])}")
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a child that must see Ctrl-C: a process started from a non-interactive shell's background job
+    inherits SIGINT ignored (and Python then keeps it ignored), which would make the child deaf to the test's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def child_runs(uri: str, experiment: str) -> Tuple[List[Any], List[Any]]:

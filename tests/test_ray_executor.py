@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bench_helpers import ROOT, child_runs, cli, history, wait_for_marker, write_grid
+from bench_helpers import ROOT, child_runs, cli, history, sigint_default, wait_for_marker, write_grid
 from ray_cluster import child_env, loopback_cluster, session_pids, stop_session
 
 from benchmark_suite.mlflow_server import tracking_server
@@ -47,7 +47,8 @@ def _driver(grid, *flags, **env):
     """``pfedmoap-bench run --executor ray`` as its own process (a session of its own), stderr piped."""
     return subprocess.Popen([sys.executable, "-m", "benchmark_suite.cli", "run", "--config", str(grid),
                              "--no-progress", "--executor", "ray", *flags], cwd=ROOT, env=child_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)
 
 
 def _stalled_pid(proc):
