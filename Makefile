@@ -14,7 +14,7 @@ FLOWER_STAMP := $(FLOWER_VENV)/.installed
 FEDML_EXTRAS := fedml,pretrain,test
 FLOWER_EXTRAS := flower,ray,test
 
-.PHONY: demo test install clean-cache perf
+.PHONY: demo test install clean-cache perf test-fedml-stack test-current-stack
 
 # $(1): the venv folder, $(2): the extras
 define build_venv
@@ -27,7 +27,7 @@ endef
 $(STAMP): setup.py third_party/fastapi_cli/pyproject.toml
 	$(call build_venv,$(VENV),$(FEDML_EXTRAS))
 
-$(FLOWER_STAMP): setup.py
+$(FLOWER_STAMP): setup.py | $(STAMP)  # after .venv: two editable installs at once would share one egg-info folder
 	$(call build_venv,$(FLOWER_VENV),$(FLOWER_EXTRAS))
 
 install: $(STAMP) $(FLOWER_STAMP)
@@ -35,9 +35,17 @@ install: $(STAMP) $(FLOWER_STAMP)
 demo: $(STAMP)
 	$(BIN)/pfedmoap-bench run --config configs/quickstart.yaml
 
+# The two suites run side by side (each mostly waits on its own subprocesses); --output-sync prints each suite's
+# output in one block when it ends. Both must pass. `make test-fedml-stack` / `make test-current-stack` run one.
 test: $(STAMP) $(FLOWER_STAMP)
-	$(BIN)/python -m pytest -m "not flower and not ray"
-	$(FLOWER_VENV)/bin/python -m pytest -m "not fedml and not pretrain"
+	@echo "make test: both suites in parallel; each prints its output when it ends"
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-fedml-stack test-current-stack
+
+test-fedml-stack: $(STAMP)
+	$(BIN)/python -m pytest -m "not flower and not ray" -o cache_dir=.pytest_cache/fedml-stack
+
+test-current-stack: $(FLOWER_STAMP)
+	$(FLOWER_VENV)/bin/python -m pytest -m "not fedml and not pretrain" -o cache_dir=.pytest_cache/current-stack
 
 perf: $(STAMP)
 	$(BIN)/pfedmoap-bench perf --scale tiny
