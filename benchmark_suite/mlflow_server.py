@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, Iterator, Optional
 
 from fedml_pfedmoap.errors import UserError
+from fedml_pfedmoap.netaudit import free_loopback_port
 from fedml_pfedmoap.tracking import QUIET_MLFLOW_ENV, MlflowLogger, TrackingLogger, sqlite_artifact_root
 
 AUTO = "auto"
@@ -46,11 +46,6 @@ def _answers(uri: str, timeout: float = 5.0) -> Optional[str]:
     except OSError as err:
         return str(getattr(err, "reason", None) or err)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(log: IO[bytes], lines: int = 8) -> str:
@@ -91,7 +86,7 @@ def tracking_server(spec: Optional[str], sqlite_uri: str, timeout: float = START
         raise TrackingServerError(f"--mlflow-server auto: serves the grid's sqlite store, but the tracking URI is "
                                   f"{sqlite_uri!r} (set tracking_args.mlflow_tracking_uri to sqlite:///FILE)")
     db = Path(sqlite_uri[len("sqlite:///"):]).resolve()
-    port = _free_port()
+    port = free_loopback_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
            "--default-artifact-root", root.as_uri(), "--artifacts-destination", root.as_uri(),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -21,6 +21,15 @@ AUDIT_ENV = "FEDML_PFEDMOAP_NETWORK_AUDIT"
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", ""}
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for the servers the launchers start on loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def is_loopback(host: Any) -> bool:
     """True for loopback/unspecified addresses and local names (``None`` host = local bind)."""
     if host is None:

@@ -129,7 +129,8 @@ def test_real_mlflow_server_over_http(tmp_path, cache, monkeypatch):
 def test_mlflow_server_errors_name_the_uri_or_store(tmp_path):
     """Bad ``--mlflow-server`` values, a URI where nothing answers and a server that dies at start are one line
     each; a server is stopped when the body raises (Ctrl-C)."""
-    from benchmark_suite.mlflow_server import TrackingServerError, _answers, _free_port, tracking_server
+    from benchmark_suite.mlflow_server import TrackingServerError, _answers, tracking_server
+    from fedml_pfedmoap.netaudit import free_loopback_port
 
     db = f"sqlite:///{tmp_path / 'm.db'}"
     with tracking_server(None, db) as uri:
@@ -137,7 +138,7 @@ def test_mlflow_server_errors_name_the_uri_or_store(tmp_path):
     with pytest.raises(TrackingServerError, match=r"^--mlflow-server: expected 'auto' or an http\(s\):// URI, "
                                                   r"got 'x'$"):
         tracking_server("x", db).__enter__()
-    nowhere = f"http://127.0.0.1:{_free_port()}"
+    nowhere = f"http://127.0.0.1:{free_loopback_port()}"
     with pytest.raises(TrackingServerError, match=rf"^--mlflow-server {nowhere}: no MLflow server answers there"):
         tracking_server(nowhere, db).__enter__()
     with pytest.raises(TrackingServerError, match=r"auto: serves the grid's sqlite store, but the tracking URI"):

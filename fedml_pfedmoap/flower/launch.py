@@ -28,15 +28,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..config import load_config
+from ..netaudit import free_loopback_port
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 CONNECTION = "fedml-pfedmoap"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flower_env(flwr_home: Path, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -70,7 +66,7 @@ class Cluster:
         return (self.dir / f"{name}.log").read_text(errors="replace")
 
     def superlink(self, simulation: bool, timeout_s: float = 60.0) -> int:
-        self.port = free_port()
+        self.port = free_loopback_port()
         cmd = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                "--port", str(self.port)] + (["--simulation"] if simulation else [])
         proc = self.start("superlink", cmd)
@@ -90,7 +86,8 @@ class Cluster:
 
     def supernode(self, partition: int, partitions: int) -> subprocess.Popen:
         return self.start(f"supernode{partition}", [
-            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(free_loopback_port()),
             "--node-config", f"partition-id={partition} num-partitions={partitions}"])
 
     def flwr_run(self, app: Path, config: Path, overrides: str = "",
